@@ -1,0 +1,269 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685) for model.py's GPT.
+
+Paper §4.1. A pre-trained weight W0 (d_out × d_in) stays frozen; its update is constrained to a
+low-rank product ΔW = B·A, with B (d_out × r), A (r × d_in) and r ≪ min(d_in, d_out):
+
+    h = W0·x + ΔW·x = W0·x + (α/r)·B·A·x                                    (paper, eq. 3)
+
+A starts random and B at zero, so ΔW = 0 and the adapted model equals the base at step 0. The
+scaling α/r keeps the size of the update roughly independent of r, so α needs no retuning when r
+changes. After training, W = W0 + (α/r)·B·A can be computed once ("merged"), and inference costs
+exactly what the base costs (§4.1, "No Additional Inference Latency"); subtracting it again
+recovers W0, so one base serves many tasks by swapping small adapters.
+
+This file reads in that order: the layer, injection by exact name (§4.2: which weights),
+merge/unmerge, then adapter files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import GPT, atomic_path, config_dict
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear whose frozen weight W0 gets a low-rank update on some blocks of its rows.
+
+    `parts` names each adapted block of output rows: GPT-2's fused c_attn (3C × C) holds Wq, Wk
+    and Wv stacked, and each adapted one gets its own A and B, as in the authors' `MergedLinear`
+    with `enable_lora=[True, False, True]`. An unfused matrix (c_proj, c_fc) has one part that
+    covers all its rows. It subclasses nn.Linear and shares the original's weight and bias, so
+    the base keys of the state dict (`...c_attn.weight`) do not change.
+    """
+
+    def __init__(self, base: nn.Linear, parts: dict[str, slice], rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate none
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.parts = parts
+        self.scaling = alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(rank, self.in_features, **factory)) for name in parts}
+        )
+        self.lora_B = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(rows.stop - rows.start, rank, **factory)) for name, rows in parts.items()}
+        )
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+        for A in self.lora_A.values():
+            # The paper says "random Gaussian" for A without a scale. Like the authors' loralib
+            # (and PEFT) we use nn.Linear's Kaiming-uniform init: its scale, 1/sqrt(d_in), keeps
+            # A·x near unit size whatever the width, and the paper's results were made with it.
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # W0·x (or (W0 + ΔW)·x once merged)
+        if self.merged:
+            return out
+        x = self.lora_dropout(x)
+        for name, rows in self.parts.items():
+            # (α/r)·B·(A·x) in the low-rank order: (…, d_in) -> (…, r) -> (…, d_rows). The
+            # d_out × d_in matrix B·A is never built on this path.
+            out[..., rows] += (x @ self.lora_A[name].t() @ self.lora_B[name].t()) * self.scaling
+        return out
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in)."""
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W0 + ΔW on each part. In fp32, then cast once; a second call changes nothing."""
+        if not self.merged:
+            for name, rows in self.parts.items():
+                self.weight[rows] = (self.weight[rows].float() + self.delta_weight(name)).to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W - ΔW. Exact to fp32 rounding (≤ 1e-6) in fp32. In bf16/fp16 the weight was rounded
+        when merged, so W0 comes back only to within about one rounding step of that dtype."""
+        if self.merged:
+            for name, rows in self.parts.items():
+                self.weight[rows] = (self.weight[rows].float() - self.delta_weight(name)).to(self.weight.dtype)
+            self.merged = False
+
+
+# ---- which weights to adapt (§4.2, Table 5: Wq and Wv together work best on a fixed budget) ------
+
+# target -> (module inside each block, which block of its rows, into how many blocks they split)
+TARGETS: dict[str, list[tuple[str, int, int]]] = {
+    "q": [("attn.c_attn", 0, 3)],
+    "k": [("attn.c_attn", 1, 3)],
+    "v": [("attn.c_attn", 2, 3)],
+    "o": [("attn.c_proj", 0, 1)],
+    "mlp": [("mlp.c_fc", 0, 1), ("mlp.c_proj", 0, 1)],
+}
+DEFAULT_TARGETS = ("q", "v")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA target {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
+        # canonical order, no repeats, so equal configs compare equal
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'q,v' -> ('q', 'v'), for command lines."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def apply_lora(
+    model: GPT, rank: int = 4, alpha: float = 8.0, targets: tuple[str, ...] = DEFAULT_TARGETS, dropout: float = 0.0
+) -> GPT:
+    """Freeze every parameter of `model`, then wrap the targeted projections of every block in
+    LoRALinear (matched by exact module name, never by substring). Returns the same model."""
+    config = LoRAConfig(rank, alpha, tuple(targets), dropout)
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("this model already has LoRA layers")
+    for p in model.parameters():
+        p.requires_grad = False
+    for block in model.transformer.h:
+        parts_by_module: dict[str, dict[str, slice]] = {}
+        for target in config.targets:
+            for module_name, index, n_blocks in TARGETS[target]:
+                size = block.get_submodule(module_name).out_features // n_blocks
+                parts_by_module.setdefault(module_name, {})[target] = slice(index * size, (index + 1) * size)
+        for module_name, parts in parts_by_module.items():
+            parent_name, _, child_name = module_name.rpartition(".")
+            base = block.get_submodule(module_name)
+            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, rank, alpha, dropout))
+    model.lora_config = config
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """'trainable 147,456 / total 124,587,264 (0.12%)'; tied weights counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)"
+
+
+# ---- merge / unmerge (§4.1: no additional inference latency) -------------------------------------
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold ΔW into every adapted weight for inference. Explicit, never a side effect of eval()."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take ΔW out again, recovering W0 (to fp32 rounding in fp32)."""
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+# ---- adapter files: safetensors with the LoRA tensors only, and JSON metadata in its header ------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under torch.compile's `_orig_mod` and DDP's `module`, so saved keys carry neither."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, keyed like `transformer.h.0.attn.c_attn.lora_A.q`."""
+    return {k: v for k, v in unwrap(model).state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def base_fingerprint(model: GPT) -> list[float]:
+    """A few frozen weights of the base (the first token's embedding) that tell two bases of the
+    same shape apart, compared with a tolerance so a bf16 copy of the base still matches."""
+    return unwrap(model).transformer.wte.weight[0, :8].float().tolist()
+
+
+def save_adapter(model: GPT, path: str) -> None:
+    """Write the LoRA tensors and what is needed to rebuild them onto the right base. Atomic."""
+    raw = unwrap(model)
+    metadata = {
+        "lora_config": json.dumps(asdict(raw.lora_config)),
+        "base": raw.name_or_path,
+        "base_config": json.dumps(config_dict(raw.config)),
+        "base_fingerprint": json.dumps(base_fingerprint(raw)),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(raw).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of an adapter file; metadata's JSON fields decoded."""
+    with safe_open(path, framework="pt") as f:
+        raw_metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "lora_config" not in raw_metadata:
+        raise ValueError(f"{path} is not an adapter written by lora.py (no lora_config in its metadata)")
+    metadata = {k: json.loads(v) if k != "base" else v for k, v in raw_metadata.items()}
+    metadata["lora_config"]["targets"] = tuple(metadata["lora_config"]["targets"])
+    return tensors, metadata
+
+
+def load_adapter(model: GPT, path: str) -> LoRAConfig:
+    """Load an adapter onto `model`: injects LoRA first if the model has none. If the model is
+    merged, the old adapter is unmerged and the new one merged: switching tasks on one base.
+    Raises ValueError naming the mismatch for an adapter of another base, shape or config."""
+    tensors, metadata = read_adapter(path)
+    raw = unwrap(model)
+    want, have = metadata["base_config"], config_dict(raw.config)
+    diff = [f"{k} {want.get(k)} (adapter) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
+    if diff:
+        raise ValueError(f"{path} was trained on another base ({metadata['base']}): {', '.join(diff)}")
+    if not torch.allclose(
+        torch.tensor(metadata["base_fingerprint"]), torch.tensor(base_fingerprint(raw)), rtol=1e-2, atol=1e-3
+    ):
+        raise ValueError(
+            f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's "
+            f"('{raw.name_or_path}'): load the base it was trained on"
+        )
+    config = LoRAConfig(**metadata["lora_config"])
+    if getattr(raw, "lora_config", None) is None:
+        apply_lora(raw, config.rank, config.alpha, config.targets, config.dropout)
+    elif (raw.lora_config.rank, raw.lora_config.alpha, raw.lora_config.targets) != (
+        config.rank, config.alpha, config.targets,
+    ):
+        have_config = raw.lora_config
+        raise ValueError(
+            f"{path} has rank {config.rank}, alpha {config.alpha} on {','.join(config.targets)}; the model's "
+            f"LoRA has rank {have_config.rank}, alpha {have_config.alpha} on {','.join(have_config.targets)}"
+        )
+    expected = lora_state_dict(raw)
+    if set(tensors) != set(expected):
+        raise ValueError(f"{path} holds other LoRA tensors than this model ({sorted(set(tensors) ^ set(expected))[:3]} ...)")
+    was_merged = any(layer.merged for layer in lora_layers(raw))
+    unmerge_lora(raw)
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            expected[key].copy_(tensor)  # state_dict tensors share storage with the parameters
+    if was_merged:
+        merge_lora(raw)
+    return config

@@ -1,0 +1,183 @@
+import os
+
+import pytest
+import torch
+
+from conftest import TINY
+from lora import (
+    TARGETS, LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
+    parameter_summary, read_adapter, save_adapter, unmerge_lora,
+)  # fmt: skip
+from model import GPT, GPTConfig
+
+
+def randomize_B(model, std=0.5):
+    """B starts at zero; tests that need ΔW != 0 give it random values."""
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for B in layer.lora_B.values():
+                B.normal_(0, std)
+
+
+def tokens(B=2, T=12):
+    return torch.randint(0, TINY.vocab_size, (B, T))
+
+
+def test_adapted_model_equals_base_at_init(tiny_model):
+    idx = tokens()
+    base, _ = tiny_model(idx)
+    apply_lora(tiny_model, rank=4, alpha=8, targets=tuple(TARGETS))
+    adapted, _ = tiny_model(idx)
+    assert torch.equal(base, adapted)
+    assert all(torch.count_nonzero(A) > 0 for layer in lora_layers(tiny_model) for A in layer.lora_A.values())
+
+
+def test_only_A_and_B_train_and_both_get_gradients(tiny_model):
+    apply_lora(tiny_model, rank=4, alpha=8, targets=("q", "v", "o", "mlp"))
+    randomize_B(tiny_model)
+    idx = tokens()
+    _, loss = tiny_model(idx, idx)
+    loss.backward()
+    for name, p in tiny_model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        assert p.requires_grad == is_lora, name
+        if is_lora:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [(("q", "v"), 147_456), (("q", "k", "v", "o", "mlp"), 4 * 12 * (4 * (768 + 768) + 2 * (768 + 3072)))],
+)
+def test_trainable_count_is_sum_of_r_times_din_plus_dout(targets, expected):
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    apply_lora(model, rank=4, targets=targets)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert parameter_summary(model).startswith(f"trainable {expected:,} / total {124_439_808 + expected:,}")
+
+
+def test_merged_equals_unmerged_and_unmerge_restores_W0(tiny_model):
+    W0 = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    apply_lora(tiny_model, rank=4, alpha=16, targets=("q", "k", "v", "o", "mlp"))
+    randomize_B(tiny_model)
+    idx = tokens()
+    unmerged, _ = tiny_model(idx)
+    merge_lora(tiny_model)
+    merged, _ = tiny_model(idx)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert (tiny_model.transformer.h[0].attn.c_attn.weight - W0["transformer.h.0.attn.c_attn.weight"]).abs().max() > 1e-3
+    merge_lora(tiny_model)  # a second merge must not add ΔW twice
+    twice, _ = tiny_model(idx)
+    assert torch.equal(merged, twice)
+    unmerge_lora(tiny_model)
+    for key, value in W0.items():
+        assert (tiny_model.state_dict()[key] - value).abs().max().item() <= 1e-6, key
+
+
+def test_same_output_as_loralib_merged_linear():
+    """Our q,v on the fused c_attn against the authors' MergedLinear(enable_lora=[True, False, True])."""
+    loralib = pytest.importorskip("loralib")
+    C, r, alpha = 16, 4, 8
+    torch.manual_seed(0)
+    theirs = loralib.MergedLinear(C, 3 * C, r=r, lora_alpha=alpha, enable_lora=[True, False, True], merge_weights=False)
+    base = torch.nn.Linear(C, 3 * C)
+    base.load_state_dict({"weight": theirs.weight.detach(), "bias": theirs.bias.detach()})
+    ours = LoRALinear(base, {"q": slice(0, C), "v": slice(2 * C, 3 * C)}, rank=r, alpha=alpha, dropout=0.0)
+    with torch.no_grad():
+        ours.lora_B["q"].normal_()
+        ours.lora_B["v"].normal_()
+        theirs.lora_A.copy_(torch.cat([ours.lora_A["q"], ours.lora_A["v"]]))
+        theirs.lora_B.copy_(torch.cat([ours.lora_B["q"], ours.lora_B["v"]]))
+    x = torch.randn(2, 5, C)
+    expected = theirs(x)
+    assert (ours(x) - expected).abs().max().item() <= 1e-5
+    ours.merge()
+    assert (ours(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_adapter_round_trip_holds_only_lora_tensors(tiny_model, tmp_path):
+    apply_lora(tiny_model, rank=2, alpha=4, targets=("q", "v", "mlp"))
+    randomize_B(tiny_model)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(tiny_model, path)
+    tensors, metadata = read_adapter(path)
+    assert set(tensors) == {
+        f"transformer.h.{i}.{key}"
+        for i in range(TINY.n_layer)
+        for key in (
+            "attn.c_attn.lora_A.q", "attn.c_attn.lora_B.q", "attn.c_attn.lora_A.v", "attn.c_attn.lora_B.v",
+            "mlp.c_fc.lora_A.mlp", "mlp.c_fc.lora_B.mlp", "mlp.c_proj.lora_A.mlp", "mlp.c_proj.lora_B.mlp",
+        )
+    }  # fmt: skip
+    assert metadata["lora_config"] == {"rank": 2, "alpha": 4, "targets": ("q", "v", "mlp"), "dropout": 0.0}
+    assert metadata["base_config"]["n_embd"] == TINY.n_embd
+
+    fresh = GPT(TINY).eval()
+    fresh.load_state_dict({k: v for k, v in tiny_model.state_dict().items() if ".lora_" not in k}, strict=False)
+    load_adapter(fresh, path)  # injects LoRA from the file's metadata
+    idx = tokens()
+    assert torch.equal(fresh(idx)[0], tiny_model(idx)[0])
+    assert os.listdir(tmp_path) == ["adapter.safetensors"]
+
+
+def test_saved_keys_have_no_compile_prefix(tiny_model, tmp_path):
+    apply_lora(tiny_model, rank=2)
+    compiled = torch.compile(tiny_model, backend="eager")
+    assert set(lora_state_dict(compiled)) == set(lora_state_dict(tiny_model))
+    save_adapter(compiled, str(tmp_path / "a.safetensors"))
+    assert not any("_orig_mod" in k for k in read_adapter(str(tmp_path / "a.safetensors"))[0])
+
+
+def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
+    apply_lora(tiny_model, rank=2)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(tiny_model, path)
+    wider = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match=r"another base .*n_embd 16 \(adapter\) vs 32 \(model\)"):
+        load_adapter(wider, path)
+    torch.manual_seed(123)
+    same_shape_other_weights = GPT(TINY)
+    with pytest.raises(ValueError, match="weights differ"):
+        load_adapter(same_shape_other_weights, path)
+    other_targets = apply_lora(GPT(TINY), rank=2, targets=("q", "k"))
+    other_targets.load_state_dict(tiny_model.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="rank 2, alpha 8.0 on q,v; the model's LoRA has rank 2, alpha 8.0 on q,k"):
+        load_adapter(other_targets, path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "rank must be an integer >= 1"),
+    (dict(rank=4, targets=("q", "wq")), "unknown LoRA target"),
+    (dict(rank=4, targets=()), "unknown LoRA target"),
+])  # fmt: skip
+def test_bad_lora_settings_are_clear_errors(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        apply_lora(tiny_model, **kwargs)
+
+
+def test_compiles_without_graph_breaks_and_runs_under_autocast(tiny_model):
+    apply_lora(tiny_model, rank=2, targets=("q", "v", "o"))
+    randomize_B(tiny_model)
+    idx = tokens()
+    expected, _ = tiny_model(idx)
+    compiled = torch.compile(tiny_model, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    assert torch.allclose(compiled(idx)[0], expected, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = tiny_model(idx)
+    assert low.dtype == torch.bfloat16 and (low.float() - expected).abs().max() < 0.1
+
+
+def test_bf16_unmerge_drifts_by_at_most_a_rounding_step(tiny_model):
+    """What the unmerge docstring promises in low precision."""
+    tiny_model.to(torch.bfloat16)
+    W0 = tiny_model.transformer.h[0].attn.c_attn.weight.clone()
+    apply_lora(tiny_model, rank=4, alpha=8)
+    randomize_B(tiny_model, std=0.05)
+    merge_lora(tiny_model)
+    unmerge_lora(tiny_model)
+    W = tiny_model.transformer.h[0].attn.c_attn.weight
+    drift = (W.float() - W0.float()).abs()
+    assert (drift <= W0.float().abs() * 2**-7 + 1e-6 + 2**-7 * 0.05).all()

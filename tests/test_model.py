@@ -1,0 +1,89 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, TINY, load_hf
+from model import GPT, GPTConfig
+
+
+def test_gpt2_small_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert model.num_parameters() == 124_439_808  # Hugging Face's count for gpt2, tied embeddings
+
+
+def test_logits_match_transformers(hf_folder):
+    model = GPT.from_pretrained(hf_folder).eval()
+    idx = torch.randint(0, TINY.vocab_size, (3, TINY.block_size))
+    ours, _ = model(idx)
+    theirs = load_hf(hf_folder)(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_hub_layout_without_prefix_and_with_attention_masks(hf_folder, tmp_path):
+    """The hub's model.safetensors names tensors `h.0...` and old files carry `.attn.bias` masks."""
+    state = load_file(os.path.join(hf_folder, "model.safetensors"))
+    hub = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    hub["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, TINY.block_size, TINY.block_size))
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file(hub, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(open(os.path.join(hf_folder, "config.json")).read())
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    a, _ = GPT.from_pretrained(str(folder)).eval()(idx)
+    b, _ = GPT.from_pretrained(hf_folder).eval()(idx)
+    assert torch.equal(a, b)
+
+
+def test_save_pretrained_round_trip_here_and_in_transformers(hf_folder, tmp_path):
+    model = GPT.from_pretrained(hf_folder).eval()
+    out = str(tmp_path / "ours")
+    model.save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no temp files left
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))
+    expected, _ = model(idx)
+    again, _ = GPT.from_pretrained(out).eval()(idx)
+    assert torch.equal(expected, again)
+    assert (load_hf(out)(idx).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_loss_ignores_minus_one_targets(tiny_model):
+    idx = torch.randint(0, TINY.vocab_size, (2, 6))
+    targets = torch.randint(0, TINY.vocab_size, (2, 6))
+    targets[:, :3] = -1
+    logits, loss = tiny_model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), targets[:, 3:].flatten())
+    assert torch.allclose(loss, expected)
+
+
+def test_bad_names_and_folders_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_offline_download_names_the_alternatives(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    code = "from model import GPT; GPT.from_pretrained('gpt2')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "could not fetch gpt2's weights" in result.stderr
+    assert "--init-from scratch" in result.stderr and "local folder" in result.stderr
+
+
+def test_sequence_longer_than_context_is_an_error(tiny_model):
+    with pytest.raises(ValueError, match="longer than the context"):
+        tiny_model(torch.zeros(1, TINY.block_size + 1, dtype=torch.long))
+
+
+def test_config_json_names_gpt2(tmp_path, tiny_model):
+    tiny_model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == TINY.block_size
