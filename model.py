@@ -250,3 +250,32 @@ def config_dict(config: GPTConfig) -> dict:
     """The architecture fields of a config (what an adapter must match), dropout left out."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "dropout"}
 
+
+
+# ---- where and in what precision to run: shared by train.py, sample.py and bench.py -------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """The autocast dtype. 'auto': bfloat16 where CUDA supports it, else float16 (train with a
+    GradScaler); float32 on the CPU, where low-precision autocast is slower than it saves."""
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision on the matmuls (weights stay fp32); a no-op context for float32."""
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
