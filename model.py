@@ -158,7 +158,15 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, with targets, the mean cross-entropy over targets != -1.
+        """Logits (B, T, vocab) and, with targets, the mean cross-entropy over targets != -1."""
+        logits = self.lm_head(self.hidden_states(idx, kv_caches))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The last block's output after ln_f (B, T, C), which lm_head turns into logits.
         With `kv_caches` (one per layer, see `generate`), idx continues the tokens they hold:
         its positions start after them, and its keys and values are added to them."""
         B, T = idx.shape
@@ -169,11 +177,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if kv_caches is None else kv_caches[i])
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -207,15 +211,16 @@ class GPT(nn.Module):
         caches = None
         for filled in range(int(lengths.min()), T + max_new_tokens):  # tokens[:, :filled] are known
             if caches is not None and caches[0].length < window:
-                logits, _ = self(tokens[:, filled - 1 : filled], kv_caches=caches)  # the newest token only
+                x = self.hidden_states(tokens[:, filled - 1 : filled], caches)  # the newest token only
             else:
                 # The first step, or the window is full. GPT-2's positions are absolute: once the
                 # window slides by a token, every token moves to another position and every cached
                 # key and value changes, so the cache cannot be rolled; it is rebuilt from the last
                 # `window` tokens (one full pass a step from then on, as without a cache).
                 caches = [KVCache(window) for _ in self.transformer.h] if use_cache else None
-                logits, _ = self(tokens[:, max(0, filled - window) : filled], kv_caches=caches)
-            next_token = sample_next_token(logits[:, -1].float(), temperature, top_k)
+                x = self.hidden_states(tokens[:, max(0, filled - window) : filled], caches)
+            logits = self.lm_head(x[:, -1])  # (B, vocab): only the last position predicts the next token
+            next_token = sample_next_token(logits.float(), temperature, top_k)
             in_prompt = filled < lengths
             tokens[:, filled] = torch.where(in_prompt, tokens[:, filled], next_token)
         return tokens
