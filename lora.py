@@ -13,7 +13,7 @@ recovers W0, so one base serves many tasks by swapping small adapters.
 
 This file reads in that order: the layer, injection by exact name (§4.2: which weights),
 merge/unmerge, adapter files, then several adapters on one base: switching the merged one, and
-batches whose rows each use their own adapter (which the paper, §4.1, leaves as a limitation).
+batches whose rows each use their own adapter (a limitation of merging, paper §4.2).
 """
 
 from __future__ import annotations
@@ -313,12 +313,13 @@ def _unmerged(raw: GPT) -> Iterator[None]:
 
 # ---- several adapters on one base ----------------------------------------------------------------
 #
-# §4.1: "we can swap only the LoRA weights as opposed to all the parameters" to switch tasks. Each
-# layer keeps every named adapter's A and B stacked in its bank (a few MB each for GPT-2 at r = 4).
-# `set_adapter` copies one into the active A and B, so switching the merged adapter costs one
-# unmerge and one merge, never a reload of the base. `adapter_per_row` goes past the paper's "not
-# straightforward to batch inputs to different tasks in a single forward pass": unmerged, each row
-# of one batch runs with its own adapter.
+# §4.1: to switch tasks, recover W0 by subtracting B·A, then add another B'·A'. §4.2 (practical
+# benefits) adds that only the LoRA weights are swapped, not the whole model, and names the cost:
+# with A and B merged into W, inputs of different tasks cannot share one forward pass, unless the
+# modules stay unmerged and are chosen per sample. Here each layer keeps every named adapter's A
+# and B stacked in its bank (0.6 MB an adapter for GPT-2 small at r = 4 on q,v); `set_adapter`
+# swaps one in (an unmerge and a merge, never a reload of the base), and `adapter_per_row` gives
+# each row of one unmerged batch its own adapter.
 
 
 def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
