@@ -19,40 +19,45 @@ import sys
 import time
 from contextlib import nullcontext
 
+import tiktoken
 import torch
 
-from lora import adapter_per_row, add_adapter, apply_lora, lora_layers, merge_lora, read_adapter, set_adapter, unmerge_lora
+from lora import (
+    adapter_per_row, add_adapter, apply_lora, lora_layers, merge_lora, read_adapter, set_adapter, unmerge_lora,
+)  # fmt: skip
 from model import GPT, GPTConfig, autocast, resolve_device, resolve_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Generate text from GPT-2 and LoRA adapters (see the README, 'Sampling and adapters').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--out", default=None,
+    source.add_argument("--out", default=None, metavar="DIR",
                         help="a train.py output folder: its adapter.safetensors (a LoRA run) or its config.json + "
-                             "model.safetensors (a --rank 0 run). Default: 'out', unless --adapter or --init-from is given")
+                             "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --init-from "
+                             "is given")
     source.add_argument("--adapter", action="append", metavar="FILE",
                         help="an adapter file; repeat it to run several adapters in one batch, one --prompt each")
-    parser.add_argument("--init-from", default=None,
+    parser.add_argument("--init-from", default=None, metavar="BASE",
                         help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a folder with config.json + "
-                             "model.safetensors, or 'scratch' (random GPT-2 small, for timing). "
+                             "model.safetensors, or scratch (random GPT-2 small, for timing). "
                              "Default: the base named in the adapter")
-    parser.add_argument("--merge", action="store_true", help="merge each adapter into the weights before generating")
+    parser.add_argument("--merge", action="store_true", help="merge each adapter into the weights before it generates")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="the text to continue, or FILE:path to read it from a file; one, or one per --adapter "
-                             "(default: a newline)")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (generated in one batch)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate after each prompt")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=200, help="sample only from the k most likely tokens (0: all)")
+                        help="the text to continue, or FILE:path to read it from a file; one, or one per --adapter. "
+                             "Default: a newline")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="samples per prompt, in one batch (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=200,
+                        help="sample only from the k most likely tokens, 0 for all (default: %(default)s)")
     parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse keys and values across steps (--no-kv-cache reruns the whole context each token)")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (autocast)")
+                        help="reuse the keys and values of earlier tokens; --no-kv-cache reruns the whole context "
+                             "for every token, to measure what the cache saves")
+    parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bfloat16 or float16 on a GPU, float32 on the CPU), float32, bfloat16, float16")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         parser.error("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
@@ -142,8 +147,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import tiktoken
-
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(device, args.dtype)
@@ -155,7 +158,9 @@ def run(args: argparse.Namespace) -> None:
 
     encoding = tiktoken.get_encoding("gpt2")
     if model.config.vocab_size < encoding.n_vocab:
-        raise ValueError(f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})")
+        raise ValueError(
+            f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})"
+        )
     texts = [read_prompt(p) for p in args.prompt or ["\n"]]
     adapters: list[str | None] = adapter_paths or [None]
     if len(texts) == 1:
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     elif len(adapters) == 1:
         adapters = adapters * len(texts)
     elif len(texts) != len(adapters):
-        raise ValueError(f"give one --prompt, or one per --adapter: got {len(texts)} prompts for {len(adapters)} adapters")
+        raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} prompts for {len(adapters)} adapters")
 
     prompts, window = [], model.config.block_size
     for i, text in enumerate(texts):

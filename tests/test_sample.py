@@ -87,7 +87,8 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(runs, capsys):
     long_prompt = " ".join(str(i) for i in range(40))  # about 80 tokens, the context is 32
     main(["--out", "run_a", "--prompt", long_prompt, *GREEDY])
     out = capsys.readouterr().out
-    assert re.search(r"note: prompt 1 has \d+ tokens, more than the context \(32\); the model sees only its last 32", out)
+    note = r"note: prompt 1 has \d+ tokens, more than the context \(32\); the model sees only its last 32"
+    assert re.search(note, out)
     assert "38 39" in out and "0 1 2 3" not in out
 
 
@@ -100,7 +101,7 @@ def test_a_rank_0_run_is_the_model_itself(runs, capsys):
     (["--out", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
     ([], "out holds neither"),
     (["--adapter", "run_a/adapter.safetensors", "--adapter", "run_b/adapter.safetensors", "--prompt", "1",
-      "--prompt", "2", "--prompt", "3"], "got 3 prompts for 2 adapters"),
+      "--prompt", "2", "--prompt", "3"], "3 prompts for 2 adapters"),
     (["--adapter", "run_a/adapter.safetensors", "--init-from", "other"], "another base"),
     (["--adapter", "missing.safetensors"], "No such file"),
 ])  # fmt: skip
