@@ -12,14 +12,17 @@ exactly what the base costs (§4.1, "No Additional Inference Latency"); subtract
 recovers W0, so one base serves many tasks by swapping small adapters.
 
 This file reads in that order: the layer, injection by exact name (§4.2: which weights),
-merge/unmerge, then adapter files.
+merge/unmerge, adapter files, then several adapters on one base: switching the merged one, and
+batches whose rows each use their own adapter (a limitation of merging, paper §4.2).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -38,6 +41,10 @@ class LoRALinear(nn.Linear):
     with `enable_lora=[True, False, True]`. An unfused matrix (c_proj, c_fc) has one part that
     covers all its rows. It subclasses nn.Linear and shares the original's weight and bias, so
     the base keys of the state dict (`...c_attn.weight`) do not change.
+
+    `lora_A` and `lora_B` are the active adapter: the one training updates and merge folds in.
+    `bank_A` and `bank_B` hold every named adapter (see `add_adapter`) stacked, for switching and
+    for mixed batches, where `adapter_index` (one entry per row of the batch) picks each row's own.
     """
 
     def __init__(self, base: nn.Linear, parts: dict[str, slice], rank: int, alpha: float, dropout: float):
@@ -55,6 +62,9 @@ class LoRALinear(nn.Linear):
         )
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
+        self.bank_A = nn.ParameterDict()  # part -> (n_adapters, r, d_in), filled by add_adapter
+        self.bank_B = nn.ParameterDict()  # part -> (n_adapters, d_rows, r)
+        self.adapter_index: torch.Tensor | None = None  # (B,): each row's adapter, -1 for none
         for A in self.lora_A.values():
             # The paper says "random Gaussian" for A without a scale. Like the authors' loralib
             # (and PEFT) we use nn.Linear's Kaiming-uniform init: its scale, 1/sqrt(d_in), keeps
@@ -66,10 +76,27 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return out
         x = self.lora_dropout(x)
+        if self.adapter_index is not None:
+            return self._add_per_row_updates(out, x)
         for name, rows in self.parts.items():
             # (α/r)·B·(A·x) in the low-rank order: (…, d_in) -> (…, r) -> (…, d_rows). The
             # d_out × d_in matrix B·A is never built on this path.
             out[..., rows] += (x @ self.lora_A[name].t() @ self.lora_B[name].t()) * self.scaling
+        return out
+
+    def _add_per_row_updates(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 with each row's own adapter: gather every row's A and B from the bank, then two
+        batched matmuls, still in the low-rank order; no loop over rows or adapters."""
+        if x.size(0) != self.adapter_index.size(0):
+            raise ValueError(f"a batch of {x.size(0)} rows but {self.adapter_index.size(0)} adapter choices")
+        has_adapter = (self.adapter_index >= 0).to(out.dtype).view(-1, 1, 1)  # rows with -1 get nothing
+        index = self.adapter_index.clamp(min=0)
+        for name, rows in self.parts.items():
+            A_per_row = self.bank_A[name][index]  # (B, r, d_in)
+            B_per_row = self.bank_B[name][index]  # (B, d_rows, r)
+            # (B, T, d_in) -> (B, T, r) -> (B, T, d_rows)
+            low_rank = x @ A_per_row.transpose(1, 2) @ B_per_row.transpose(1, 2)
+            out[..., rows] += low_rank * (self.scaling * has_adapter)
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -152,6 +179,7 @@ def apply_lora(
             base = block.get_submodule(module_name)
             setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, rank, alpha, dropout))
     model.lora_config = config
+    model.adapter_names = []  # the named adapters in each layer's bank, in bank order
     return model
 
 
@@ -234,6 +262,16 @@ def load_adapter(model: GPT, path: str) -> LoRAConfig:
     Raises ValueError naming the mismatch for an adapter of another base, shape or config."""
     tensors, metadata = read_adapter(path)
     raw = unwrap(model)
+    config = _fit_adapter(raw, path, tensors, metadata)
+    active = lora_state_dict(raw)
+    with _unmerged(raw), torch.no_grad():
+        for key, tensor in tensors.items():
+            active[key].copy_(tensor)  # state_dict tensors share storage with the parameters
+    return config
+
+
+def _fit_adapter(raw: GPT, path: str, tensors: dict[str, torch.Tensor], metadata: dict) -> LoRAConfig:
+    """Check that an adapter file fits this base and its LoRA (injecting LoRA if it has none)."""
     want, have = metadata["base_config"], config_dict(raw.config)
     diff = [f"{k} {want.get(k)} (adapter) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
     if diff:
@@ -259,11 +297,93 @@ def load_adapter(model: GPT, path: str) -> LoRAConfig:
     expected = lora_state_dict(raw)
     if set(tensors) != set(expected):
         raise ValueError(f"{path} holds other LoRA tensors than this model ({sorted(set(tensors) ^ set(expected))[:3]} ...)")
+    return config
+
+
+@contextmanager
+def _unmerged(raw: GPT) -> Iterator[None]:
+    """Take ΔW out while the body changes the active A and B; merge the new ΔW in afterwards if
+    the model was merged. W0 itself is never reloaded."""
     was_merged = any(layer.merged for layer in lora_layers(raw))
     unmerge_lora(raw)
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            expected[key].copy_(tensor)  # state_dict tensors share storage with the parameters
+    yield
     if was_merged:
         merge_lora(raw)
-    return config
+
+
+# ---- several adapters on one base ----------------------------------------------------------------
+#
+# §4.1: to switch tasks, recover W0 by subtracting B·A, then add another B'·A'. §4.2 (practical
+# benefits) adds that only the LoRA weights are swapped, not the whole model, and names the cost:
+# with A and B merged into W, inputs of different tasks cannot share one forward pass, unless the
+# modules stay unmerged and are chosen per sample. Here each layer keeps every named adapter's A
+# and B stacked in its bank (0.6 MB an adapter for GPT-2 small at r = 4 on q,v); `set_adapter`
+# swaps one in (an unmerge and a merge, never a reload of the base), and `adapter_per_row` gives
+# each row of one unmerged batch its own adapter.
+
+
+def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
+    """Keep an adapter under `name` in the model's bank: the one in the file `path` (checked like
+    load_adapter), or without a path a copy of the model's active adapter (e.g. one just trained).
+    All adapters on one model share the rank, alpha and targets, so that they stack."""
+    raw = unwrap(model)
+    if path is not None:
+        tensors, metadata = read_adapter(path)
+        _fit_adapter(raw, path, tensors, metadata)
+    elif getattr(raw, "lora_config", None) is None:
+        raise ValueError("this model has no LoRA layers to copy an adapter from")
+    else:
+        tensors = lora_state_dict(raw)
+    if name in raw.adapter_names:
+        raise ValueError(f"an adapter named '{name}' is already on this model")
+    for module_name, layer in _named_lora_layers(raw):
+        for bank, kind in ((layer.bank_A, "lora_A"), (layer.bank_B, "lora_B")):
+            for part in layer.parts:
+                new = tensors[f"{module_name}.{kind}.{part}"].detach().to(layer.weight.device, layer.weight.dtype)
+                stacked = torch.cat([bank[part], new[None]]) if part in bank else new[None]
+                bank[part] = nn.Parameter(stacked, requires_grad=False)  # frozen unless you train the bank
+    raw.adapter_names.append(name)
+
+
+def set_adapter(model: GPT, name: str) -> None:
+    """Make the named adapter the active one. On a merged model this switches the merged task:
+    the old ΔW comes out, the new one goes in (fp32: W0 in between to ≤ 1e-6)."""
+    raw = unwrap(model)
+    index = _adapter_indices(raw, [name])[0]
+    with _unmerged(raw), torch.no_grad():
+        for layer in lora_layers(raw):
+            for part in layer.parts:
+                layer.lora_A[part].copy_(layer.bank_A[part][index])
+                layer.lora_B[part].copy_(layer.bank_B[part][index])
+
+
+@contextmanager
+def adapter_per_row(model: GPT, names: list[str | None]) -> Iterator[None]:
+    """Inside the block, row b of every batch runs with the adapter names[b] (None: the base
+    alone), in one forward pass. Works for generation (the rows keep their adapters at every step)
+    and for training: gradients reach the banks of the adapters used, zero for the others (set
+    `requires_grad` on the `bank_A`/`bank_B` parameters to train them). Needs an unmerged model."""
+    raw = unwrap(model)
+    layers = lora_layers(raw)
+    if any(layer.merged for layer in layers):
+        raise ValueError("mixed-adapter batches run unmerged: call unmerge_lora(model) first")
+    index = torch.tensor(_adapter_indices(raw, names), device=layers[0].weight.device)
+    for layer in layers:
+        layer.adapter_index = index
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_index = None
+
+
+def _adapter_indices(raw: GPT, names: list[str | None]) -> list[int]:
+    known = getattr(raw, "adapter_names", [])
+    unknown = [n for n in names if n is not None and n not in known]
+    if unknown:
+        raise ValueError(f"no adapter named '{unknown[0]}' on this model (it has: {', '.join(known) or 'none'})")
+    return [-1 if n is None else known.index(n) for n in names]
+
+
+def _named_lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -32,13 +32,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, past + T, hs): the cached tokens, then these T
+        past = k.size(2) - T
+        # Without a past, the usual causal mask. With one (generation), new token i sits at
+        # position past + i and sees keys 0 .. past + i: the causal mask shifted right by `past`.
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -65,10 +71,33 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """One layer's keys and values of the tokens seen so far, so that generating a token runs the
+    model on that token alone instead of on the whole sequence again. The buffers are allocated
+    on the first `append`, for `max_length` tokens, in the dtype and device the keys come in."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0  # tokens held
+        self.k: torch.Tensor | None = None  # (B, nh, max_length, hs)
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values (B, nh, T, hs) of T new tokens; return those of all tokens."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.max_length, hs)
+            self.v = v.new_empty(B, nh, self.max_length, hs)
+        start, end = self.length, self.length + k.size(2)
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 @dataclass(frozen=True)
@@ -127,21 +156,74 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets, the mean cross-entropy over targets != -1."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.hidden_states(idx, kv_caches))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The last block's output after ln_f (B, T, C), which lm_head turns into logits.
+        With `kv_caches` (one per layer, see `generate`), idx continues the tokens they hold:
+        its positions start after them, and its keys and values are added to them."""
+        B, T = idx.shape
+        past = 0 if kv_caches is None else kv_caches[0].length
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_caches is None else kv_caches[i])
+        return self.transformer.ln_f(x)
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        prompt_lengths: list[int] | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
+        temperature 0 is greedy decoding; top_k keeps only the k most likely tokens. Call eval() first.
+
+        Prompts of different lengths: right-pad idx to its longest prompt and give `prompt_lengths`.
+        All rows then advance together, one position a step; a row still inside its prompt takes
+        its prompt's token instead of a sampled one (so no row ever sees padding, and each row gets
+        exactly what it would get alone). Row b's text is its first prompt_lengths[b] +
+        max_new_tokens tokens; what follows is extra and can be dropped.
+
+        With `use_cache` (the default) the prompt is run once to fill a KV cache, then each step
+        runs the model on the newest token only; use_cache=False reruns the whole window each step."""
+        B, T = idx.shape
+        lengths = torch.tensor(prompt_lengths or [T] * B, device=idx.device)
+        if T == 0 or lengths.min() < 1:
+            raise ValueError("every prompt needs at least one token")
+        tokens = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+        window = self.config.block_size
+        caches = None
+        for filled in range(int(lengths.min()), T + max_new_tokens):  # tokens[:, :filled] are known
+            if caches is not None and caches[0].length < window:
+                x = self.hidden_states(tokens[:, filled - 1 : filled], caches)  # the newest token only
+            else:
+                # The first step, or the window is full. GPT-2's positions are absolute: once the
+                # window slides by a token, every token moves to another position and every cached
+                # key and value changes, so the cache cannot be rolled; it is rebuilt from the last
+                # `window` tokens (one full pass a step from then on, as without a cache).
+                caches = [KVCache(window) for _ in self.transformer.h] if use_cache else None
+                x = self.hidden_states(tokens[:, max(0, filled - window) : filled], caches)
+            logits = self.lm_head(x[:, -1])  # (B, vocab): only the last position predicts the next token
+            next_token = sample_next_token(logits.float(), temperature, top_k)
+            in_prompt = filled < lengths
+            tokens[:, filled] = torch.where(in_prompt, tokens[:, filled], next_token)
+        return tokens
 
     # ---- checkpoints in the Hugging Face GPT-2 layout -------------------------------------------
 
@@ -182,6 +264,18 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
             save_file(_to_hf_layout(self.state_dict()), tmp, metadata={"format": "pt"})
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """One token per row from logits (B, vocab): the most likely at temperature 0, else sampled
+    from softmax(logits / temperature), limited to the top_k most likely when top_k is given."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
 
 def _checkpoint_files(name_or_path: str) -> tuple[str, str]:

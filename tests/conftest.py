@@ -11,6 +11,10 @@ sys.path.insert(0, ROOT)
 
 from model import GPT, GPTConfig  # noqa: E402
 
+# The test models are tiny: one thread is fastest, and on a busy CPU (CI runners, shared machines)
+# several threads spin-waiting for each other make the suite ten times slower.
+torch.set_num_threads(1)
+
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
 

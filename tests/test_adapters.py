@@ -1,0 +1,142 @@
+"""Several adapters on one base: switching the merged one, and mixed-adapter batches."""
+
+import pytest
+import torch
+
+from conftest import TINY
+from lora import (
+    adapter_per_row, add_adapter, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, set_adapter,
+    unmerge_lora,
+)  # fmt: skip
+from model import GPT
+
+TARGETS = ("q", "v", "o", "mlp")  # fused and unfused layers, several parts per layer
+
+
+def randomize_adapter(model: GPT, seed: int) -> None:
+    """Give the active adapter random A and B (B starts at zero, and ΔW = 0 would prove nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture
+def two_adapter_files(tiny_model, tmp_path) -> tuple[GPT, list[str]]:
+    """The tiny base (its weights kept as they are) and two adapter files trained on it."""
+    base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    apply_lora(tiny_model, rank=2, alpha=4, targets=TARGETS)
+    paths = []
+    for seed, name in enumerate("ab"):
+        randomize_adapter(tiny_model, seed)
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        save_adapter(tiny_model, paths[-1])
+    base = GPT(TINY).eval()
+    base.load_state_dict(base_state)
+    return base, paths
+
+
+def base_only(state: dict[str, torch.Tensor]) -> GPT:
+    model = GPT(TINY).eval()
+    model.load_state_dict({k: v for k, v in state.items() if ".lora_" not in k and ".bank_" not in k})
+    return model
+
+
+def fresh_merged(W0: dict[str, torch.Tensor], path: str) -> GPT:
+    """The base loaded anew, with one adapter loaded from its file and merged."""
+    model = base_only(W0)
+    load_adapter(model, path)
+    merge_lora(model)
+    return model
+
+
+def test_switching_merged_adapters_a_b_a_equals_a_fresh_load_of_a(two_adapter_files):
+    base, (a, b) = two_adapter_files
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))
+    add_adapter(base, "a", a)
+    add_adapter(base, "b", b)
+    set_adapter(base, "a")
+    merge_lora(base)
+    first_a, _ = base(idx)
+    set_adapter(base, "b")  # unmerges a, merges b
+    assert all(layer.merged for layer in lora_layers(base))
+    assert (base(idx)[0] - fresh_merged(W0, b)(idx)[0]).abs().max().item() <= 1e-5
+    set_adapter(base, "a")
+    expected, _ = fresh_merged(W0, a)(idx)
+    assert (base(idx)[0] - expected).abs().max().item() <= 1e-5
+    assert (first_a - expected).abs().max().item() <= 1e-5
+    assert (expected - fresh_merged(W0, b)(idx)[0]).abs().max().item() > 1e-2  # the two tasks differ
+    unmerge_lora(base)
+    for key, value in W0.items():
+        assert (base.state_dict()[key] - value).abs().max().item() <= 1e-6, key
+
+
+def test_mixed_batch_equals_each_row_alone_with_its_adapter_merged(two_adapter_files):
+    base, (a, b) = two_adapter_files
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    add_adapter(base, "a", a)
+    add_adapter(base, "b", b)
+    rows = ["b", None, "a", "b"]
+    idx = torch.randint(0, TINY.vocab_size, (len(rows), 12))
+    with adapter_per_row(base, rows):
+        mixed, _ = base(idx)
+    for row, name in enumerate(rows):
+        alone = base_only(W0) if name is None else fresh_merged(W0, {"a": a, "b": b}[name])
+        assert (mixed[row] - alone(idx[row : row + 1])[0][0]).abs().max().item() <= 1e-5, row
+    assert all(layer.adapter_index is None for layer in lora_layers(base))  # the block cleaned up
+
+
+def test_mixed_batch_generation_equals_merged_generation_per_adapter(two_adapter_files):
+    base, paths = two_adapter_files
+    for name, path in zip("ab", paths):
+        add_adapter(base, name, path)
+    idx = torch.randint(0, TINY.vocab_size, (3, 5))
+    with adapter_per_row(base, ["a", "b", None]):
+        mixed = base.generate(idx, 30, temperature=0)  # 35 tokens: past the 32-token window too
+    for row, name in enumerate(["a", "b"]):
+        set_adapter(base, name)
+        merge_lora(base)
+        assert torch.equal(mixed[row], base.generate(idx[row : row + 1], 30, temperature=0)[0]), name
+        unmerge_lora(base)
+
+
+def test_mixed_batch_training_reaches_only_the_adapters_used(tiny_model):
+    apply_lora(tiny_model, rank=2, alpha=4, targets=("q", "v"))
+    for seed, name in enumerate(["a", "b", "c"]):
+        randomize_adapter(tiny_model, seed)
+        add_adapter(tiny_model, name)  # a copy of the active adapter
+    banks = [p for layer in lora_layers(tiny_model) for p in [*layer.bank_A.values(), *layer.bank_B.values()]]
+    for p in banks:
+        p.requires_grad_(True)
+    idx = torch.randint(0, TINY.vocab_size, (3, 8))
+    with adapter_per_row(tiny_model, ["c", None, "a"]):
+        _, loss = tiny_model(idx, idx)
+    loss.backward()
+    for p in banks:
+        assert p.grad[0].abs().sum() > 0 and p.grad[2].abs().sum() > 0  # a and c
+        assert torch.equal(p.grad[1], torch.zeros_like(p.grad[1]))  # b, not in the batch
+    assert all(layer.lora_A["q"].grad is None for layer in lora_layers(tiny_model))  # nor the active one
+    assert tiny_model.transformer.wte.weight.grad is None
+
+
+def test_adapter_mistakes_are_clear_errors(two_adapter_files):
+    base, (a, _) = two_adapter_files
+    other = apply_lora(base_only(base.state_dict()), rank=4, targets=TARGETS)
+    with pytest.raises(ValueError, match="has rank 2"):
+        add_adapter(other, "a", a)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        add_adapter(base, "a")
+    add_adapter(base, "a", a)
+    with pytest.raises(ValueError, match="already on this model"):
+        add_adapter(base, "a", a)
+    with pytest.raises(ValueError, match="no adapter named 'c' on this model \\(it has: a\\)"):
+        set_adapter(base, "c")
+    with pytest.raises(ValueError, match="a batch of 2 rows but 3 adapter choices"):
+        with adapter_per_row(base, ["a", "a", None]):
+            base(torch.zeros(2, 4, dtype=torch.long))
+    merge_lora(base)
+    with pytest.raises(ValueError, match="run unmerged"):
+        with adapter_per_row(base, ["a"]):
+            pass

@@ -1,0 +1,122 @@
+"""sample.py end to end on a tiny base with GPT-2's vocabulary, saved like a real one, and its adapters."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora import apply_lora, lora_layers, save_adapter
+from model import GPT, GPTConfig
+from sample import main
+
+tiktoken = pytest.importorskip("tiktoken")
+if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken")
+try:
+    tiktoken.get_encoding("gpt2")
+except Exception:  # offline without the cached BPE files
+    pytest.skip("tiktoken's gpt2 encoding is not available offline", allow_module_level=True)
+
+BPE_TINY = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
+GREEDY = ["--temperature", "0", "--max-new-tokens", "10"]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> dict[str, str]:
+    """A base folder and the output folders of two LoRA runs on it (adapters with random B)."""
+    monkeypatch.chdir(tmp_path)  # so that no real ./out is picked up
+    torch.manual_seed(0)
+    base = GPT(BPE_TINY)
+    with torch.no_grad():  # weights far larger than GPT-2's init, so that greedy text varies with its context
+        for name, p in base.named_parameters():
+            if "ln_" not in name and not name.endswith("bias"):
+                p.normal_(0, 1.0)
+    base.save_pretrained("base")
+    model = apply_lora(GPT.from_pretrained("base"), rank=2, alpha=4)
+    for name in ("a", "b"):
+        with torch.no_grad():
+            for layer in lora_layers(model):
+                for B in layer.lora_B.values():
+                    B.normal_(0, 1.0)
+        os.makedirs(f"run_{name}")
+        save_adapter(model, f"run_{name}/adapter.safetensors")
+    return {"base": "base", "a": "run_a/adapter.safetensors", "b": "run_b/adapter.safetensors"}
+
+
+def samples(capsys, argv: list[str]) -> list[str]:
+    """The texts sample.py prints (without their headers), after checking its tokens/s line."""
+    main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\d+ tokens in [\d.]+ s: [\d,.]+ tokens/s \(.*\)", lines[-1]), lines[-1]
+    texts, current = [], None
+    for line in lines[:-1]:
+        if line.startswith("--- ") and line.endswith(" ---"):
+            current = len(texts)
+            texts.append("")
+        elif current is not None:
+            texts[current] += line + "\n"
+    return texts
+
+
+def test_greedy_text_is_the_same_merged_or_not(runs, capsys):
+    unmerged = samples(capsys, ["--out", "run_a", "--prompt", "Hello there", *GREEDY])
+    merged = samples(capsys, ["--out", "run_a", "--prompt", "Hello there", "--merge", *GREEDY])
+    base = samples(capsys, ["--init-from", runs["base"], "--prompt", "Hello there", *GREEDY])
+    assert unmerged == merged and len(unmerged) == 1 and unmerged[0].startswith("Hello there")
+    assert base != merged  # the adapter changes the text
+    assert len(set(tiktoken.get_encoding("gpt2").encode(merged[0]))) > 4  # and it is not one token over and over
+
+
+def test_one_batch_of_several_adapters_equals_each_adapter_alone(runs, capsys):
+    prompts = ["--prompt", "To be", "--prompt", "FILE:prompt.txt"]
+    with open("prompt.txt", "w") as f:
+        f.write("a longer prompt, read from a file")
+    adapters = ["--adapter", runs["a"], "--adapter", runs["b"]]
+    batched = samples(capsys, [*adapters, *prompts, *GREEDY, "--num-samples", "2"])
+    merged = samples(capsys, [*adapters, *prompts, *GREEDY, "--merge"])
+    alone_a = samples(capsys, ["--adapter", runs["a"], "--prompt", "To be", *GREEDY])
+    alone_b = samples(capsys, ["--out", "run_b", "--prompt", "FILE:prompt.txt", *GREEDY])
+    assert batched == [alone_a[0], alone_a[0], alone_b[0], alone_b[0]]
+    assert merged == alone_a + alone_b
+    assert alone_b[0].startswith("a longer prompt, read from a file")
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(runs, capsys):
+    long_prompt = " ".join(str(i) for i in range(40))  # about 80 tokens, the context is 32
+    main(["--out", "run_a", "--prompt", long_prompt, *GREEDY])
+    out = capsys.readouterr().out
+    note = r"note: prompt 1 has \d+ tokens, more than the context \(32\); the model sees only its last 32"
+    assert re.search(note, out)
+    assert "38 39" in out and "0 1 2 3" not in out
+
+
+def test_a_rank_0_run_is_the_model_itself(runs, capsys):
+    GPT.from_pretrained("base").save_pretrained("run_full")  # what train.py --rank 0 writes
+    assert samples(capsys, ["--out", "run_full", *GREEDY]) == samples(capsys, ["--init-from", "base", *GREEDY])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
+    ([], "out holds neither"),
+    (["--adapter", "run_a/adapter.safetensors", "--adapter", "run_b/adapter.safetensors", "--prompt", "1",
+      "--prompt", "2", "--prompt", "3"], "3 prompts for 2 adapters"),
+    (["--adapter", "run_a/adapter.safetensors", "--init-from", "other"], "another base"),
+    (["--adapter", "missing.safetensors"], "No such file"),
+])  # fmt: skip
+def test_bad_input_is_one_clear_error(runs, capsys, argv, message):
+    GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained("other")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert str(exit_info.value).startswith("sample.py: error: ") and message in str(exit_info.value)
+
+
+def test_benchmark_of_mixed_batches_against_merging_per_adapter():
+    from sample import benchmark_mixed_adapters
+
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16))
+    result = benchmark_mixed_adapters(model, n_adapters=3, prompt_length=4, max_new_tokens=4, rank=2)
+    assert set(result) == {"mixed_batch", "merged_per_adapter"} and all(v > 0 for v in result.values())
+    assert model.adapter_names == ["adapter0", "adapter1", "adapter2"]
+    assert not any(layer.merged for layer in lora_layers(model))  # left unmerged
