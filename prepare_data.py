@@ -57,7 +57,7 @@ def read_source(path: str | None) -> tuple[str, str]:
         except OSError as e:  # urllib's URLError is an OSError
             raise OSError(
                 f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}): get the file another "
-                "way and run `python prepare_data.py --input input.txt`"
+                "way and run `python prepare_data.py --input input.txt --name shakespeare`"
             ) from None
         return text, SHAKESPEARE_URL
     with open(path, encoding="utf-8") as f:
@@ -91,9 +91,12 @@ def parse_pairs(text: str, source: str) -> list[tuple[str, str]]:
         if source.endswith(".jsonl"):
             try:
                 record = json.loads(line)
-                pairs.append((record["context"], record["completion"]))
+                pair = (record["context"], record["completion"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{source}, line {number}: not a JSON object with 'context' and 'completion'") from None
+                pair = None
+            if pair is None or not all(isinstance(field, str) for field in pair):
+                raise ValueError(f"{source}, line {number}: not a JSON object with 'context' and 'completion' strings")
+            pairs.append(pair)
         else:
             if "||" not in line:
                 raise ValueError(f"{source}, line {number}: no '||' between context and target")
@@ -137,14 +140,17 @@ def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prepare(input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1) -> str:
+def prepare(
+    input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1
+) -> str:
     """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; returns that folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     text, source = read_source(input_path)
     encoding = load_encoding()
     assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
-    meta = dict(format=format, tokenizer="gpt2", vocab_size=encoding.n_vocab, eot_token=encoding.eot_token, source=source)
+    meta = dict(format=format, tokenizer="gpt2", vocab_size=encoding.n_vocab, eot_token=encoding.eot_token,
+                source=source)  # fmt: skip
     if format == "text":
         tokens = tokenize_text(text, encoding)
         n_val = int(len(tokens) * val_fraction)
@@ -160,7 +166,8 @@ def prepare(input_path: str | None, name: str, format: str = "text", out_dir: st
             raise ValueError(f"{source} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
         train_tokens, train_mask = tokenize_pairs(pairs[:-n_val], encoding)
         val_tokens, val_mask = tokenize_pairs(pairs[-n_val:], encoding)
-        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask, "val.bin": val_tokens, "val_mask.bin": val_mask}
+        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
+                  "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
         meta.update(separator=PAIR_SEPARATOR, train_examples=len(pairs) - n_val, val_examples=n_val)
     meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
     folder = os.path.join(out_dir, name)
@@ -174,12 +181,14 @@ def main(argv: list[str] | None = None) -> str:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", help="a local UTF-8 file; without it tiny Shakespeare is downloaded")
-    parser.add_argument("--name", help="the output folder's name under --out-dir (default: shakespeare, or the input's file name)")
+    parser.add_argument("--name",
+                        help="the folder to write under --out-dir (default: shakespeare, or the input file's name)")
     parser.add_argument("--format", choices=("text", "pairs"), default="text",
                         help="text: one running text. pairs: lines 'context||target', or JSONL with 'context' and "
-                        "'completion' fields when the file ends in .jsonl; loss is then on the target only")  # fmt: skip
+                        "'completion' fields when the file ends in .jsonl; loss is then on the target only")
     parser.add_argument("--out-dir", default="data", help="where the <name> folder is written")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (the end of the text, or the last pairs)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share held out for validation (the end of the text, or the last pairs)")
     args = parser.parse_args(argv)
     name = args.name or ("shakespeare" if args.input is None else os.path.splitext(os.path.basename(args.input))[0])
     try:

@@ -42,9 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     lora = parser.add_argument_group("LoRA (paper §4)")
-    lora.add_argument("--rank", type=int, default=4, help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)")
-    lora.add_argument("--alpha", type=float, default=8.0, help="α: the update is scaled by α/r, so α need not change with r")
-    lora.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="weights to adapt, from q,k,v,o,mlp (§4.2: q,v does best on a budget)")
+    lora.add_argument("--rank", type=int, default=4,
+                      help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)")
+    lora.add_argument("--alpha", type=float, default=8.0,
+                      help="α: the update is scaled by α/r, so α need not change with r")
+    lora.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                      help="weights to adapt, from q,k,v,o,mlp (§4.2: q,v does best on a budget)")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
     model = parser.add_argument_group("model and data")
     model.add_argument("--init-from", default="gpt2",
@@ -53,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--n-layer", type=int, default=6, help="with --init-from scratch: transformer blocks")
     model.add_argument("--n-head", type=int, default=6, help="with --init-from scratch: attention heads")
     model.add_argument("--n-embd", type=int, default=384, help="with --init-from scratch: width")
-    model.add_argument("--data", default=DEFAULT_DATA, help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)")
+    model.add_argument("--data", default=DEFAULT_DATA,
+                       help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)")
     model.add_argument("--out", default="out", help="where the adapter (or model), log.jsonl and train_state.pt go")
     loop = parser.add_argument_group("optimisation")
     loop.add_argument("--max-iters", type=int, default=1000, help="optimizer steps")
@@ -61,11 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
     loop.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     loop.add_argument("--lr", type=float, default=None,
-                      help="peak learning rate (default: 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a pre-trained model)")  # fmt: skip
-    loop.add_argument("--warmup-iters", type=int, default=100, help="linear warmup, then cosine decay to lr/10 at --max-iters")
+                      help="peak learning rate (default: 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a "
+                      "pre-trained model)")  # fmt: skip
+    loop.add_argument("--warmup-iters", type=int, default=100,
+                      help="linear warmup, then cosine decay to lr/10 at --max-iters")
     loop.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on matrices only")
     loop.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0: off)")
-    loop.add_argument("--eval-interval", type=int, default=100, help="evaluate and write a checkpoint every this many steps")
+    loop.add_argument("--eval-interval", type=int, default=100,
+                      help="evaluate and write a checkpoint every this many steps")
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
     loop.add_argument("--seed", type=int, default=1337)
     loop.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -74,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     system.add_argument("--dtype", default="auto",
                         help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; "
                         "float32 on CPU), float32, bfloat16, float16")  # fmt: skip
-    system.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)")
+    system.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (faster on GPU after a warm-up)")
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-4 if args.rank == 0 and args.init_from != "scratch" else 1e-3
@@ -127,7 +135,9 @@ def open_data(folder: str) -> dict:
         prepare_data.prepare(None, "shakespeare", out_dir=os.path.dirname(folder))
     for name in ("meta.json", "train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"{folder} is not a data folder (no {name}): make one with prepare_data.py --input FILE")
+            raise FileNotFoundError(
+                f"{folder} is not a data folder (no {name}): make one with prepare_data.py --input FILE"
+            )
     with open(os.path.join(folder, "meta.json")) as f:
         return json.load(f)
 
@@ -233,7 +243,8 @@ def train(args: argparse.Namespace) -> GPT:
     if args.rank > 0:
         LoRAConfig(args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)  # validates targets, α
     if min(args.max_iters, args.batch_size, args.block_size, args.grad_accum, args.eval_interval, args.eval_iters) < 1:
-        raise ValueError("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters must be >= 1")
+        raise ValueError("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters "
+                         "must be >= 1")
     state_path = os.path.join(args.out, "train_state.pt")
     if args.resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"nothing to resume: no {state_path}")
@@ -251,8 +262,7 @@ def train(args: argparse.Namespace) -> GPT:
     dtype = resolve_dtype(device, args.dtype)
     precision = autocast(device, dtype)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (Ampere and newer)
 
     # -- data
     if distributed and not is_main:
@@ -260,7 +270,8 @@ def train(args: argparse.Namespace) -> GPT:
     meta = open_data(args.data)
     if distributed and is_main:
         dist.barrier()
-    train_split, val_split = (load_split(args.data, split, args.block_size, meta["eot_token"]) for split in ("train", "val"))
+    train_split = load_split(args.data, "train", args.block_size, meta["eot_token"])
+    val_split = load_split(args.data, "val", args.block_size, meta["eot_token"])
 
     # -- model: base, LoRA (freezes the base), device
     torch.manual_seed(args.seed)
@@ -314,14 +325,16 @@ def train(args: argparse.Namespace) -> GPT:
     if is_main and start_step == 0:
         log(dict(step=0, val_loss=evaluate(compiled, val_split, args, precision, device)))
     model.train()
-    started = time.time()
-    bar = tqdm(range(start_step, args.max_iters), initial=start_step, total=args.max_iters, disable=not is_main, desc="training")
+    started, training_seconds = time.time(), 0.0  # the second leaves out evaluation and checkpoints
+    bar = tqdm(range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters,
+               disable=not is_main)
     for step in bar:
         step_started = time.time()
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [get_batch(train_split, args.batch_size, args.block_size, batch_generator, device) for _ in range(args.grad_accum)]
+        batches = [get_batch(train_split, args.batch_size, args.block_size, batch_generator, device)
+                   for _ in range(args.grad_accum)]  # fmt: skip
         train_loss = forward_backward(model, batches, precision, scaler)
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -331,7 +344,8 @@ def train(args: argparse.Namespace) -> GPT:
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # for an honest tokens/s
-        tokens_per_s = tokens_per_step / (time.time() - step_started)
+        training_seconds += time.time() - step_started
+        tokens_per_s = tokens_per_step * (step + 1 - start_step) / training_seconds  # mean over this run
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
 
         done = step + 1
@@ -348,11 +362,10 @@ def train(args: argparse.Namespace) -> GPT:
                 save_checkpoint(args, raw_model, optimizer, scaler, done, states)
     bar.close()
 
-    if is_main:
-        written = "adapter.safetensors" if args.rank > 0 else "model.safetensors"
-        size = os.path.getsize(os.path.join(args.out, written))
-        print(f"wrote {os.path.join(args.out, written)} ({size / 1e6:.2f} MB) after {args.max_iters} steps "
-              f"in {time.time() - started:.0f} s")  # fmt: skip
+    if is_main and start_step < args.max_iters:
+        written = os.path.join(args.out, "adapter.safetensors" if args.rank > 0 else "model.safetensors")
+        print(f"{args.max_iters - start_step} steps in {time.time() - started:.0f} s, {tokens_per_s:,.0f} tokens/s "
+              f"while training; wrote {written} ({os.path.getsize(written) / 1e6:.2f} MB)")  # fmt: skip
     if distributed:
         dist.destroy_process_group()
     return raw_model

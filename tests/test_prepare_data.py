@@ -37,7 +37,8 @@ def test_text_round_trips_and_splits_at_the_end(tmp_path, encoding):
     assert encoding.decode(np.concatenate([train, val]).tolist()) == text
     assert len(val) == int(0.25 * (len(train) + len(val)))
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    assert (meta["format"], meta["tokenizer"], meta["train_tokens"], meta["val_tokens"]) == ("text", "gpt2", len(train), len(val))
+    assert (meta["format"], meta["tokenizer"]) == ("text", "gpt2")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
     assert sorted(os.listdir(tmp_path / "data")) == ["play"]  # no temporary folder left behind
 
 
@@ -45,21 +46,25 @@ def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
     lines = ["name : Aromi | area : riverside||Aromi is by the river . ", "name : Zizzi||Zizzi serves food ."] * 3
     source = tmp_path / "e2e.txt"
     source.write_text("\n".join(lines) + "\n\n")
-    folder = prepare_data.main(["--format", "pairs", "--input", str(source), "--name", "e2e", "--out-dir", str(tmp_path)])
+    folder = prepare_data.main(["--format", "pairs", "--input", str(source), "--name", "e2e",
+                                "--out-dir", str(tmp_path)])
     tokens, mask = read(folder, "train.bin", np.uint16), read(folder, "train_mask.bin", np.uint8)
     assert len(tokens) == len(mask)
     examples = np.split(np.arange(len(tokens)), np.flatnonzero(tokens == encoding.eot_token)[:-1] + 1)
     assert len(examples) == 5  # 6 pairs, the last held out for validation
     first = examples[0]
-    assert encoding.decode(tokens[first].tolist()) == "name : Aromi | area : riverside || Aromi is by the river .<|endoftext|>"
+    example = "name : Aromi | area : riverside || Aromi is by the river .<|endoftext|>"
+    assert encoding.decode(tokens[first].tolist()) == example
     assert encoding.decode(tokens[first][mask[first] == 1].tolist()) == " Aromi is by the river .<|endoftext|>"
     assert mask[first][0] == 0 and mask[first][-1] == 1
-    assert (read(folder, "val.bin", np.uint16).size, read(folder, "val_mask.bin", np.uint8).size) == 2 * (len(examples[1]),)
+    val_sizes = read(folder, "val.bin", np.uint16).size, read(folder, "val_mask.bin", np.uint8).size
+    assert val_sizes == 2 * (len(examples[1]),)  # the held-out pair is the second kind
 
     # the same pairs as JSONL give the same files
     jsonl = tmp_path / "e2e.jsonl"
     jsonl.write_text("\n".join(json.dumps({"context": c, "completion": t}) for c, t in (l.split("||") for l in lines)))
-    again = prepare_data.main(["--format", "pairs", "--input", str(jsonl), "--name", "e2e-jsonl", "--out-dir", str(tmp_path)])
+    again = prepare_data.main(["--format", "pairs", "--input", str(jsonl), "--name", "e2e-jsonl",
+                               "--out-dir", str(tmp_path)])
     for name, dtype in (("train.bin", np.uint16), ("train_mask.bin", np.uint8), ("val.bin", np.uint16)):
         assert np.array_equal(read(folder, name, dtype), read(again, name, dtype)), name
 
@@ -70,7 +75,7 @@ def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
         (None, None, "text", "No such file"),
         ("empty.txt", "  \n", "text", "is empty"),
         ("pairs.txt", "a||b\nno separator here\n", "pairs", "line 2: no '||'"),
-        ("pairs.jsonl", '{"context": "a", "completion": "b"}\n{"context": "a"}\n', "pairs", "line 2: not a JSON object"),
+        ("pairs.jsonl", '{"context": "a", "completion": "b"}\n{"context": 1}\n', "pairs", "line 2: not a JSON"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_the_old_folder(tmp_path, encoding, capsys, file_name, content, fmt, message):

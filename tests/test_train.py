@@ -20,7 +20,9 @@ from model import GPT, GPTConfig
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
 CHAR_VOCAB = 128  # the tests' corpus is tiny Shakespeare, one token per ASCII character
 BASE = GPTConfig(block_size=32, vocab_size=CHAR_VOCAB, n_layer=2, n_head=2, n_embd=128)
-TINY_RUN = ["--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--eval-iters", "4", "--warmup-iters", "5", "--device", "cpu"]
+SCRATCH = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+TINY_RUN = ["--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--eval-iters", "4", "--warmup-iters", "5",
+            "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def char_data(tmp_path_factory) -> str:
     with open(SHAKESPEARE, encoding="ascii") as f:
         tokens = np.frombuffer(f.read(20_000).encode("ascii"), dtype=np.uint8).astype(np.uint16)
     folder = str(tmp_path_factory.mktemp("data") / "chars")
-    meta = dict(format="text", tokenizer="ascii", vocab_size=CHAR_VOCAB, eot_token=0, train_tokens=18_000, val_tokens=2_000)
+    meta = dict(format="text", tokenizer="ascii", vocab_size=CHAR_VOCAB, eot_token=0)
     prepare_data.write_folder(folder, {"train.bin": tokens[:18_000], "val.bin": tokens[18_000:]}, meta)
     return folder
 
@@ -53,8 +55,8 @@ def read_log(out) -> list[dict]:
 
 def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
     out = str(tmp_path / "out")
-    args = ["--init-from", "scratch", "--rank", "0", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--lr", "3e-3"]
-    train.main([*args, *TINY_RUN, "--data", char_data, "--out", out, "--max-iters", "40", "--eval-interval", "20"])
+    run = [*SCRATCH, "--rank", "0", "--lr", "3e-3", *TINY_RUN, "--max-iters", "40", "--eval-interval", "20"]
+    train.main([*run, "--data", char_data, "--out", out])
     log = read_log(out)
     assert [record["step"] for record in log] == [0, 20, 40]
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # from ln(128) = 4.85 at random init
@@ -64,7 +66,8 @@ def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
 
 def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder):
     out = str(tmp_path / "out")
-    model = train.main(["--init-from", base_folder, "--rank", "4", *TINY_RUN, "--data", char_data, "--out", out, "--max-iters", "5"])
+    run = ["--init-from", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
+    model = train.main([*run, "--data", char_data, "--out", out])
     base = GPT.from_pretrained(base_folder).state_dict()
     trained = model.state_dict()
     for key, weight in base.items():
@@ -101,7 +104,8 @@ def test_pairs_loss_is_the_mean_over_target_tokens_of_the_whole_step(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=101, n_layer=1, n_head=2, n_embd=16))
-    loss = train.forward_backward(model, [(x1, y1), (x2, y2)], nullcontext(), torch.amp.GradScaler("cpu", enabled=False))
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train.forward_backward(model, [(x1, y1), (x2, y2)], nullcontext(), no_scaling)
     step_grad = model.lm_head.weight.grad.clone()
 
     # by hand: -log p of each target token (3 in the first window, 4 in the second), averaged over all 7
@@ -121,8 +125,8 @@ class Killed(Exception):
     pass
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, base_folder, monkeypatch):
-    run = ["--init-from", base_folder, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--data", char_data,
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkeypatch):
+    run = [*SCRATCH, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--data", char_data,
            "--max-iters", "40", "--eval-interval", "20"]  # fmt: skip
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main([*run, "--out", straight])
@@ -151,7 +155,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data, base_folder):
+def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
     out = str(tmp_path / "out")
     worker = tmp_path / "worker.py"  # train.py, then each process writes the LoRA weights it holds
     worker.write_text(
@@ -162,9 +166,10 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data, 
         f"save_file(lora_state_dict(model), os.path.join({out!r}, 'rank' + os.environ['RANK'] + '.safetensors'))\n"
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(worker), "--init-from", base_folder, "--rank", "4", *TINY_RUN,
+               "--master_port", str(free_port()), str(worker), *SCRATCH, "--rank", "4", *TINY_RUN,
                "--data", char_data, "--out", out, "--max-iters", "4", "--eval-interval", "4"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (load_file(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
     saved = load_file(os.path.join(out, "adapter.safetensors"))
