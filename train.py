@@ -113,7 +113,9 @@ def load_split(folder: str, split: str, block_size: int, eot_token: int) -> Spli
     return Split(tokens, mask, starts[starts + block_size < len(tokens)])
 
 
-def get_batch(split: Split, batch_size: int, block_size: int, generator: torch.Generator, device: str):
+def get_batch(
+    split: Split, batch_size: int, block_size: int, generator: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y: (batch_size, block_size) int64; y is x shifted by one, -1 where no loss is taken."""
     n_starts = len(split.starts) if split.starts is not None else len(split.tokens) - block_size
     ix = torch.randint(n_starts, (batch_size,), generator=generator).numpy()
@@ -145,7 +147,9 @@ def open_data(folder: str) -> dict:
 # ---- the loss: summed over target tokens, divided by their count over the whole step -------------
 
 
-def forward_backward(model: torch.nn.Module, batches: list, precision, scaler: torch.amp.GradScaler) -> float:
+def forward_backward(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision, scaler: torch.amp.GradScaler
+) -> float:
     """Accumulate one optimizer step's gradient over `batches` (micro-batches). The loss is the sum
     of cross-entropies over every target token of every micro-batch (and every process), divided
     by their total count: the mean over target tokens of the whole step, as if it were one batch,
@@ -155,7 +159,7 @@ def forward_backward(model: torch.nn.Module, batches: list, precision, scaler: t
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size > 1:
         dist.all_reduce(n_step)  # DDP averages gradients over processes; × world_size below undoes that
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=n_step.device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()  # all-reduce once per step
@@ -164,12 +168,12 @@ def forward_backward(model: torch.nn.Module, batches: list, precision, scaler: t
                 logits, _ = model(x)
             summed = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
             scaler.scale(summed * world_size / n_step.clamp(min=1)).backward()
-        loss_sum += summed.item()
-    return loss_sum / max(n_local, 1)
+        loss_sum += summed.detach()  # no .item() here: on a GPU it would wait for each micro-batch
+    return loss_sum.item() / max(n_local, 1)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, args, precision, device: str) -> float:
+def evaluate(model: torch.nn.Module, split: Split, args: argparse.Namespace, precision, device: str) -> float:
     """Mean loss over the target tokens of --eval-iters validation batches: the same batches at
     every evaluation (their own seeded generator), so the numbers compare across the run."""
     model.eval()
@@ -185,7 +189,7 @@ def evaluate(model: torch.nn.Module, split: Split, args, precision, device: str)
     return loss_sum / max(n_targets, 1)
 
 
-def learning_rate(step: int, args) -> float:
+def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warmup to --lr, then cosine decay to lr/10 at --max-iters."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
@@ -203,7 +207,10 @@ def rng_state(generator: torch.Generator, device: str) -> dict:
     return state
 
 
-def save_checkpoint(args, raw_model: GPT, optimizer, scaler, step: int, rng_states: list[dict]) -> None:
+def save_checkpoint(
+    args: argparse.Namespace, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    step: int, rng_states: list[dict],
+) -> None:  # fmt: skip
     """The trained weights (the adapter alone for LoRA), then the state --resume needs. Atomic."""
     if args.rank > 0:
         save_adapter(raw_model, os.path.join(args.out, "adapter.safetensors"))
@@ -214,7 +221,7 @@ def save_checkpoint(args, raw_model: GPT, optimizer, scaler, step: int, rng_stat
         torch.save(state, tmp)
 
 
-def build_model(args, meta: dict) -> GPT:
+def build_model(args: argparse.Namespace, meta: dict) -> GPT:
     """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it. On --resume the
     weights trained so far come from --out instead."""
     if args.resume and args.rank == 0:
