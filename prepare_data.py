@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--input", help="a local UTF-8 file; without it tiny Shakespeare is downloaded")
     parser.add_argument("--name",
-                        help="the folder to write under --out-dir (default: shakespeare, or the input file's name)")
+                        help="the folder to write under --out-dir; if unset, shakespeare or the input file's name")
     parser.add_argument("--format", choices=("text", "pairs"), default="text",
                         help="text: one running text. pairs: lines 'context||target', or JSONL with 'context' and "
                         "'completion' fields when the file ends in .jsonl; loss is then on the target only")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import prepare_data
 from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_adapter, parameter_summary, parse_targets, save_adapter
 from model import GPT, GPTConfig, atomic_path, autocast, resolve_device, resolve_dtype
 
@@ -65,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
     loop.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     loop.add_argument("--lr", type=float, default=None,
-                      help="peak learning rate (default: 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a "
-                      "pre-trained model)")  # fmt: skip
+                      help="peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a "
+                      "pre-trained model")  # fmt: skip
     loop.add_argument("--warmup-iters", type=int, default=100,
                       help="linear warmup, then cosine decay to lr/10 at --max-iters")
     loop.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on matrices only")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loop.add_argument("--eval-interval", type=int, default=100,
                       help="evaluate and write a checkpoint every this many steps")
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
-    loop.add_argument("--seed", type=int, default=1337)
+    loop.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     loop.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     system = parser.add_argument_group("hardware")
     system.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -107,8 +108,8 @@ def load_split(folder: str, split: str, block_size: int, eot_token: int) -> Spli
     if not os.path.exists(mask_path):
         return Split(tokens, None, None)
     mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-    # every example ends with <|endoftext|>: windows start on an example's first token, so a
-    # context is never cut off from the start of its target
+    # every example ends with <|endoftext|>: windows start on an example's first token, so a target
+    # is never seen without its context; a window runs on into the next examples (packing)
     starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
     return Split(tokens, mask, starts[starts + block_size < len(tokens)])
 
@@ -131,8 +132,6 @@ def get_batch(
 def open_data(folder: str) -> dict:
     """meta.json of a prepare_data.py folder; the default Shakespeare folder is prepared if missing."""
     if folder == DEFAULT_DATA and not os.path.exists(folder):
-        import prepare_data
-
         print(f"{folder} is missing: preparing tiny Shakespeare")
         prepare_data.prepare(None, "shakespeare", out_dir=os.path.dirname(folder))
     for name in ("meta.json", "train.bin", "val.bin"):
