@@ -146,6 +146,11 @@ def open_data(folder: str) -> dict:
 # ---- the loss: summed over target tokens, divided by their count over the whole step -------------
 
 
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ of the cross-entropies over the target tokens (targets != -1), in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
+
+
 def forward_backward(
     model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision, scaler: torch.amp.GradScaler
 ) -> float:
@@ -165,7 +170,7 @@ def forward_backward(
         with sync:
             with precision:
                 logits, _ = model(x)
-            summed = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+            summed = summed_loss(logits, y)
             scaler.scale(summed * world_size / n_step.clamp(min=1)).backward()
         loss_sum += summed.detach()  # no .item() here: on a GPU it would wait for each micro-batch
     return loss_sum.item() / max(n_local, 1)
@@ -182,7 +187,7 @@ def evaluate(model: torch.nn.Module, split: Split, args: argparse.Namespace, pre
         x, y = get_batch(split, args.batch_size, args.block_size, generator, device)
         with precision:
             logits, _ = model(x)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum").item()
+        loss_sum += summed_loss(logits, y).item()
         n_targets += int((y != -1).sum())
     model.train()
     return loss_sum / max(n_targets, 1)
