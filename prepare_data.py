@@ -136,8 +136,8 @@ def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None
             os.replace(folder, old)  # a directory cannot be renamed onto a non-empty one
         os.replace(tmp, folder)
     finally:
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new folder is in place
 
 
 def prepare(
@@ -161,9 +161,9 @@ def prepare(
         pairs = parse_pairs(text, source)
         # the last examples are held out: E2E lists several targets per context next to each other,
         # so a tail split keeps most val contexts unseen in training
-        n_val = max(1, round(len(pairs) * val_fraction))
         if len(pairs) < 2:
             raise ValueError(f"{source} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
+        n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
         train_tokens, train_mask = tokenize_pairs(pairs[:-n_val], encoding)
         val_tokens, val_mask = tokenize_pairs(pairs[-n_val:], encoding)
         arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
