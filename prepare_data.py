@@ -1,0 +1,205 @@
+"""Turn a text file, or context→target pairs, into token files that train.py reads.
+
+    python prepare_data.py                                   # tiny Shakespeare -> data/shakespeare/
+    python prepare_data.py --input my.txt --name mine        # any local text   -> data/mine/
+    python prepare_data.py --format pairs --input ../shared/data/e2e/valid.txt --name e2e
+
+Text is tokenised with tiktoken's GPT-2 BPE and split into `train.bin` / `val.bin`: flat uint16
+arrays that np.memmap reads without loading them (nanoGPT's layout). A `meta.json` beside them says
+what they hold.
+
+Pairs are the paper's setting (§2): maximise Σ_t log P(y_t | x, y_<t) over (context x, target y).
+Each example is stored as
+
+    context tokens, " ||", " " + target tokens, <|endoftext|>
+
+one after another, and `train_mask.bin` / `val_mask.bin` (uint8, one byte per token) hold 1 where a
+token belongs to the target or is its <|endoftext|>, 0 on the context and separator: train.py
+computes the loss on mask-1 tokens only. A prompt for the adapted model is `context + " ||"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import urllib.request
+
+import numpy as np
+from tqdm import tqdm
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+PAIR_SEPARATOR = " ||"  # between context and target; E2E's own marker, so prompts read naturally
+LINES_PER_CHUNK = 2000  # text is tokenised in chunks of lines, for the progress bar
+
+
+def load_encoding():
+    """tiktoken's GPT-2 BPE. It downloads two files once; offline, TIKTOKEN_CACHE_DIR must hold them."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # network errors come as many types; all mean the same to the user
+        raise OSError(
+            f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): connect once, or set "
+            "TIKTOKEN_CACHE_DIR to a folder holding its cached files (this repository's CI uses ../shared/tiktoken)"
+        ) from None
+
+
+def read_source(path: str | None) -> tuple[str, str]:
+    """(text, where it came from): the local file `path`, or tiny Shakespeare downloaded."""
+    if path is None:
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+                text = response.read().decode("utf-8")
+        except OSError as e:  # urllib's URLError is an OSError
+            raise OSError(
+                f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}): get the file another "
+                "way and run `python prepare_data.py --input input.txt --name shakespeare`"
+            ) from None
+        return text, SHAKESPEARE_URL
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return text, path
+
+
+# ---- plain text -----------------------------------------------------------------------------------
+
+
+def tokenize_text(text: str, encoding) -> np.ndarray:
+    """All tokens of `text`, encoded in chunks of whole lines (decoding them gives `text` back)."""
+    lines = text.splitlines(keepends=True)
+    chunks = ["".join(lines[i : i + LINES_PER_CHUNK]) for i in range(0, len(lines), LINES_PER_CHUNK)]
+    tokens = [encoding.encode_ordinary(chunk) for chunk in tqdm(chunks, desc="tokenising", unit="chunk")]
+    return np.concatenate([np.array(t, dtype=np.uint16) for t in tokens])
+
+
+# ---- context -> target pairs ----------------------------------------------------------------------
+
+
+def parse_pairs(text: str, source: str) -> list[tuple[str, str]]:
+    """(context, target) from `context||target` lines, or from JSONL lines with `context` and
+    `completion` fields when `source` ends in .jsonl. Blank lines are skipped."""
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if source.endswith(".jsonl"):
+            try:
+                record = json.loads(line)
+                pair = (record["context"], record["completion"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pair = None
+            if pair is None or not all(isinstance(field, str) for field in pair):
+                raise ValueError(f"{source}, line {number}: not a JSON object with 'context' and 'completion' strings")
+            pairs.append(pair)
+        else:
+            if "||" not in line:
+                raise ValueError(f"{source}, line {number}: no '||' between context and target")
+            context, target = line.split("||", 1)
+            pairs.append((context, target))
+    return [(context.strip(), target.strip()) for context, target in pairs]
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], encoding) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of every example, one after another, and the loss mask aligned with them."""
+    separator = encoding.encode_ordinary(PAIR_SEPARATOR)
+    tokens, mask = [], []
+    for context, target in tqdm(pairs, desc="tokenising", unit="pair"):
+        prompt = encoding.encode_ordinary(context) + separator
+        completion = encoding.encode_ordinary(" " + target) + [encoding.eot_token]
+        tokens += prompt + completion
+        mask += [0] * len(prompt) + [1] * len(completion)
+    return np.array(tokens, dtype=np.uint16), np.array(mask, dtype=np.uint8)
+
+
+# ---- writing the folder ---------------------------------------------------------------------------
+
+
+def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write every file into a temporary folder, then rename it into place: a crash leaves either
+    the old folder or the new one, never half of one."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        for name, array in arrays.items():
+            array.tofile(os.path.join(tmp, name))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(folder):
+            os.replace(folder, old)  # a directory cannot be renamed onto a non-empty one
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new folder is in place
+
+
+def prepare(
+    input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1
+) -> str:
+    """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; returns that folder."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    text, source = read_source(input_path)
+    encoding = load_encoding()
+    assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
+    meta = dict(format=format, tokenizer="gpt2", vocab_size=encoding.n_vocab, eot_token=encoding.eot_token,
+                source=source)  # fmt: skip
+    if format == "text":
+        tokens = tokenize_text(text, encoding)
+        n_val = int(len(tokens) * val_fraction)
+        if n_val < 1:
+            raise ValueError(f"{source} is too short to split off a validation set ({len(tokens)} tokens)")
+        arrays = {"train.bin": tokens[:-n_val], "val.bin": tokens[-n_val:]}
+    else:
+        pairs = parse_pairs(text, source)
+        # the last examples are held out: E2E lists several targets per context next to each other,
+        # so a tail split keeps most val contexts unseen in training
+        if len(pairs) < 2:
+            raise ValueError(f"{source} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
+        n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
+        train_tokens, train_mask = tokenize_pairs(pairs[:-n_val], encoding)
+        val_tokens, val_mask = tokenize_pairs(pairs[-n_val:], encoding)
+        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
+                  "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
+        meta.update(separator=PAIR_SEPARATOR, train_examples=len(pairs) - n_val, val_examples=n_val)
+    meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
+    folder = os.path.join(out_dir, name)
+    write_folder(folder, arrays, meta)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description="Tokenise a text, or context→target pairs, with GPT-2's BPE into data/<name>/ for train.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", help="a local UTF-8 file; without it tiny Shakespeare is downloaded")
+    parser.add_argument("--name",
+                        help="the folder to write under --out-dir; if unset, shakespeare or the input file's name")
+    parser.add_argument("--format", choices=("text", "pairs"), default="text",
+                        help="text: one running text. pairs: lines 'context||target', or JSONL with 'context' and "
+                        "'completion' fields when the file ends in .jsonl; loss is then on the target only")
+    parser.add_argument("--out-dir", default="data", help="where the <name> folder is written")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share held out for validation (the end of the text, or the last pairs)")
+    args = parser.parse_args(argv)
+    name = args.name or ("shakespeare" if args.input is None else os.path.splitext(os.path.basename(args.input))[0])
+    try:
+        folder = prepare(args.input, name, args.format, args.out_dir, args.val_fraction)
+    except (ValueError, OSError) as e:
+        sys.exit(f"prepare_data.py: error: {e}")
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    print(f"wrote {folder}/: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({args.format})")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+import json
+import os
+import urllib.request
+
+import numpy as np
+import pytest
+
+import prepare_data
+from conftest import ROOT
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+@pytest.fixture(scope="module")
+def encoding():
+    """tiktoken's gpt2 BPE, offline from ../shared/tiktoken (or TIKTOKEN_CACHE_DIR)."""
+    cache = os.path.join(SHARED, "tiktoken")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(cache):
+        os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    try:
+        return prepare_data.load_encoding()
+    except OSError as e:
+        pytest.skip(str(e))
+
+
+def read(folder, name, dtype):
+    return np.fromfile(os.path.join(folder, name), dtype=dtype)
+
+
+def test_text_round_trips_and_splits_at_the_end(tmp_path, encoding):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
+    source = tmp_path / "play.txt"
+    source.write_text(text)
+    folder = prepare_data.main(["--input", str(source), "--out-dir", str(tmp_path / "data"), "--val-fraction", "0.25"])
+    assert folder == str(tmp_path / "data" / "play")
+    train, val = read(folder, "train.bin", np.uint16), read(folder, "val.bin", np.uint16)
+    assert encoding.decode(np.concatenate([train, val]).tolist()) == text
+    assert len(val) == int(0.25 * (len(train) + len(val)))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert (meta["format"], meta["tokenizer"]) == ("text", "gpt2")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert sorted(os.listdir(tmp_path / "data")) == ["play"]  # no temporary folder left behind
+
+
+def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
+    lines = ["name : Aromi | area : riverside||Aromi is by the river . ", "name : Zizzi||Zizzi serves food ."] * 3
+    source = tmp_path / "e2e.txt"
+    source.write_text("\n".join(lines) + "\n\n")
+    folder = prepare_data.main(["--format", "pairs", "--input", str(source), "--name", "e2e",
+                                "--out-dir", str(tmp_path)])
+    tokens, mask = read(folder, "train.bin", np.uint16), read(folder, "train_mask.bin", np.uint8)
+    assert len(tokens) == len(mask)
+    examples = np.split(np.arange(len(tokens)), np.flatnonzero(tokens == encoding.eot_token)[:-1] + 1)
+    assert len(examples) == 5  # 6 pairs, the last held out for validation
+    first = examples[0]
+    example = "name : Aromi | area : riverside || Aromi is by the river .<|endoftext|>"
+    assert encoding.decode(tokens[first].tolist()) == example
+    assert encoding.decode(tokens[first][mask[first] == 1].tolist()) == " Aromi is by the river .<|endoftext|>"
+    assert mask[first][0] == 0 and mask[first][-1] == 1
+    val_sizes = read(folder, "val.bin", np.uint16).size, read(folder, "val_mask.bin", np.uint8).size
+    assert val_sizes == 2 * (len(examples[1]),)  # the held-out pair is the second kind
+
+    # the same pairs as JSONL give the same files
+    jsonl = tmp_path / "e2e.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"context": c, "completion": t}) for c, t in (l.split("||") for l in lines)))
+    again = prepare_data.main(["--format", "pairs", "--input", str(jsonl), "--name", "e2e-jsonl",
+                               "--out-dir", str(tmp_path)])
+    for name, dtype in (("train.bin", np.uint16), ("train_mask.bin", np.uint8), ("val.bin", np.uint16)):
+        assert np.array_equal(read(folder, name, dtype), read(again, name, dtype)), name
+
+
+@pytest.mark.parametrize(
+    "file_name, content, fmt, message",
+    [
+        (None, None, "text", "No such file"),
+        ("empty.txt", "  \n", "text", "is empty"),
+        ("pairs.txt", "a||b\nno separator here\n", "pairs", "line 2: no '||'"),
+        ("pairs.jsonl", '{"context": "a", "completion": "b"}\n{"context": 1}\n', "pairs", "line 2: not a JSON"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_the_old_folder(tmp_path, encoding, capsys, file_name, content, fmt, message):
+    out = tmp_path / "data"
+    (out / "mine").mkdir(parents=True)
+    (out / "mine" / "train.bin").write_bytes(b"old")
+    source = tmp_path / (file_name or "missing.txt")
+    if content is not None:
+        source.write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        prepare_data.main(["--input", str(source), "--format", fmt, "--name", "mine", "--out-dir", str(out)])
+    assert str(exit.value).startswith("prepare_data.py: error: ") and message in str(exit.value)
+    assert "\n" not in str(exit.value)
+    assert os.listdir(out) == ["mine"] and (out / "mine" / "train.bin").read_bytes() == b"old"
+
+
+def test_failed_download_says_to_use_input(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit) as exit:
+        prepare_data.main(["--out-dir", str(tmp_path)])
+    assert "could not download tiny Shakespeare" in str(exit.value) and "--input" in str(exit.value)
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,206 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import prepare_data
+import train
+from conftest import ROOT
+from lora import read_adapter
+from model import GPT, GPTConfig
+
+SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
+CHAR_VOCAB = 128  # the tests' corpus is tiny Shakespeare, one token per ASCII character
+BASE = GPTConfig(block_size=32, vocab_size=CHAR_VOCAB, n_layer=2, n_head=2, n_embd=128)
+SCRATCH = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+TINY_RUN = ["--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--eval-iters", "4", "--warmup-iters", "5",
+            "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> str:
+    """The first 20,000 characters of tiny Shakespeare as a prepare_data.py folder, one token per
+    character: real text a tiny model learns within a few dozen steps, and no tokenizer needed."""
+    if not os.path.isfile(SHAKESPEARE):
+        pytest.skip(f"{SHAKESPEARE} is missing")
+    with open(SHAKESPEARE, encoding="ascii") as f:
+        tokens = np.frombuffer(f.read(20_000).encode("ascii"), dtype=np.uint8).astype(np.uint16)
+    folder = str(tmp_path_factory.mktemp("data") / "chars")
+    meta = dict(format="text", tokenizer="ascii", vocab_size=CHAR_VOCAB, eot_token=0)
+    prepare_data.write_folder(folder, {"train.bin": tokens[:18_000], "val.bin": tokens[18_000:]}, meta)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> str:
+    """A random base written by save_pretrained, as a --rank 0 run writes one."""
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("base"))
+    GPT(BASE).save_pretrained(folder)
+    return folder
+
+
+def read_log(out) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    run = [*SCRATCH, "--rank", "0", "--lr", "3e-3", *TINY_RUN, "--max-iters", "40", "--eval-interval", "20"]
+    train.main([*run, "--data", char_data, "--out", out])
+    log = read_log(out)
+    assert [record["step"] for record in log] == [0, 20, 40]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # from ln(128) = 4.85 at random init
+    trained = GPT.from_pretrained(out)  # --rank 0 writes a full model that loads back
+    assert trained.config.n_embd == 32
+
+
+def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder):
+    out = str(tmp_path / "out")
+    run = ["--init-from", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
+    model = train.main([*run, "--data", char_data, "--out", out])
+    base = GPT.from_pretrained(base_folder).state_dict()
+    trained = model.state_dict()
+    for key, weight in base.items():
+        assert torch.equal(trained[key], weight), key
+
+    tensors, metadata = read_adapter(os.path.join(out, "adapter.safetensors"))
+    assert set(tensors) == {k for k in trained if ".lora_A." in k or ".lora_B." in k}
+    assert len(tensors) == 2 * 2 * BASE.n_layer  # A and B for q and v in each block
+    assert all(tensors[k].abs().sum() > 0 for k in tensors if ".lora_B." in k)  # B left zero: it trained
+    assert metadata["base"] == base_folder
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    adapter_size = os.path.getsize(os.path.join(out, "adapter.safetensors"))
+    full_size = os.path.getsize(os.path.join(base_folder, "model.safetensors"))
+    assert adapter_size < 0.02 * full_size, (adapter_size, full_size)
+
+
+def test_pairs_loss_is_the_mean_over_target_tokens_of_the_whole_step(tmp_path):
+    # two examples: context, separator (4), target, end-of-text (100); mask 1 on target and end-of-text
+    first, second = [1, 2, 3, 4, 5, 6, 100], [7, 8, 4, 9, 10, 11, 12, 100]
+    tokens = np.array(first + second + first, dtype=np.uint16)
+    mask = np.array([0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 1, 1], dtype=np.uint8)
+    folder = str(tmp_path / "pairs")
+    prepare_data.write_folder(folder, {"train.bin": tokens, "train_mask.bin": mask}, {})
+    split = train.load_split(folder, "train", block_size=6, eot_token=100)
+    assert split.starts.tolist() == [0, 7, 15]  # windows start on an example's first token
+
+    batches, generator = {}, torch.Generator().manual_seed(0)
+    while len(batches) < 2:  # draw until windows on both kinds of example came up
+        x, y = train.get_batch(split, 1, 6, generator, "cpu")
+        batches[x[0, 0].item()] = (x, y)
+    (x1, y1), (x2, y2) = batches[1], batches[7]
+    assert x1.tolist() == [[1, 2, 3, 4, 5, 6]] and y1.tolist() == [[-1, -1, -1, 5, 6, 100]]
+    assert x2.tolist() == [[7, 8, 4, 9, 10, 11]] and y2.tolist() == [[-1, -1, 9, 10, 11, 12]]
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=101, n_layer=1, n_head=2, n_embd=16))
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train.forward_backward(model, [(x1, y1), (x2, y2)], nullcontext(), no_scaling)
+    step_grad = model.lm_head.weight.grad.clone()
+
+    # by hand: -log p of each target token (3 in the first window, 4 in the second), averaged over all 7
+    model.zero_grad()
+    log_p1 = F.log_softmax(model(x1)[0][0], dim=-1)
+    log_p2 = F.log_softmax(model(x2)[0][0], dim=-1)
+    terms = [log_p1[3, 5], log_p1[4, 6], log_p1[5, 100], log_p2[2, 9], log_p2[3, 10], log_p2[4, 11], log_p2[5, 12]]
+    by_hand = -torch.stack(terms).sum() / 7
+    by_hand.backward()
+    assert abs(loss - by_hand.item()) < 1e-5
+    assert torch.allclose(step_grad, model.lm_head.weight.grad, atol=1e-6)
+    mean_of_means = -(torch.stack(terms[:3]).mean() + torch.stack(terms[3:]).mean()) / 2
+    assert abs(mean_of_means.item() - loss) > 1e-4  # what normalising per micro-step would have given
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkeypatch):
+    run = [*SCRATCH, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--data", char_data,
+           "--max-iters", "40", "--eval-interval", "20"]  # fmt: skip
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.main([*run, "--out", straight])
+
+    save_checkpoint = train.save_checkpoint
+
+    def save_then_die(args, raw_model, optimizer, scaler, step, rng_states):
+        save_checkpoint(args, raw_model, optimizer, scaler, step, rng_states)
+        raise Killed  # the process dies right after its checkpoint at step 20
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.main([*run, "--out", resumed])
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    train.main([*run, "--out", resumed, "--resume"])
+
+    assert [r["step"] for r in read_log(resumed)] == [0, 20, 40]
+    assert read_log(resumed)[-1]["val_loss"] == read_log(straight)[-1]["val_loss"]
+    a, b = (load_file(os.path.join(out, "adapter.safetensors")) for out in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
+    out = str(tmp_path / "out")
+    worker = tmp_path / "worker.py"  # train.py, then each process writes the LoRA weights it holds
+    worker.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train\nfrom lora import lora_state_dict\nfrom safetensors.torch import save_file\n"
+        "model = train.main(sys.argv[1:])\n"
+        f"save_file(lora_state_dict(model), os.path.join({out!r}, 'rank' + os.environ['RANK'] + '.safetensors'))\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(worker), *SCRATCH, "--rank", "4", *TINY_RUN,
+               "--data", char_data, "--out", out, "--max-iters", "4", "--eval-interval", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_file(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
+    saved = load_file(os.path.join(out, "adapter.safetensors"))
+    assert set(rank0) == set(rank1) == set(saved)
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], saved[k]) for k in saved)
+    assert all(saved[k].abs().sum() > 0 for k in saved if ".lora_B." in k)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing"], "is not a data folder (no meta.json)"),
+        (["--data", "{tmp}"], "is not a data folder"),
+        (["--rank", "-1"], "--rank must be >= 0"),
+        (["--targets", "q,query"], "query"),
+        (["--init-from", "gpt3"], "unknown model 'gpt3'"),
+        (["--init-from", "{tmp}"], "is not a GPT-2 checkpoint folder"),
+        (["--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "empty").mkdir()
+    (out / "adapter.safetensors").write_bytes(b"an earlier adapter")
+    (out / "log.jsonl").write_text("an earlier log\n")
+    argv = ["--init-from", "scratch", "--data", char_data, *TINY_RUN, "--out", str(out)]
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv + [a.format(tmp=tmp_path / "empty") for a in args])
+    assert str(exit.value).startswith("train.py: error: ") and message in str(exit.value), exit.value
+    assert "\n" not in str(exit.value)
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "log.jsonl"]
+    assert (out / "adapter.safetensors").read_bytes() == b"an earlier adapter"
+    assert (out / "log.jsonl").read_text() == "an earlier log\n"
