@@ -334,6 +334,9 @@ def atomic_path(path: str) -> Iterator[str]:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -87,3 +87,11 @@ def test_config_json_names_gpt2(tmp_path, tiny_model):
     tiny_model.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_positions"] == TINY.block_size
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path, tiny_model):
+    tiny_model.save_pretrained(str(tmp_path))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
