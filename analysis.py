@@ -71,6 +71,8 @@ def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str
     else:
         wanted_layers = set()
         for text in layers.split(","):
+            if not re.fullmatch(r"\s*-?\d+\s*", text):
+                raise ValueError(f"--layers takes 'all' or comma-separated layer indices such as 0,-1, not {layers!r}")
             index = int(text)
             if not -n_layer <= index < n_layer:
                 raise ValueError(f"layer {index} does not exist: the base has {n_layer} layers (0 to {n_layer - 1})")
@@ -114,10 +116,18 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
     return corner_sums / torch.minimum(i[:, None], j[None, :])
 
 
+def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """lora.read_adapter, with the file named when it is not a safetensors file at all."""
+    try:
+        return read_adapter(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not an adapter file ({e})") from None
+
+
 def similarity(path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "q,v") -> tuple[list[dict], list[dict]]:
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
-    (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
+    (tensors1, meta1), (tensors2, meta2) = read_adapter_file(path1), read_adapter_file(path2)
     if meta1["base_config"] != meta2["base_config"]:
         raise ValueError(f"{path1} and {path2} adapt bases of different shapes: nothing to compare")
     matrices1, matrices2 = adapted_matrices(tensors1), adapted_matrices(tensors2)
@@ -138,7 +148,9 @@ def plot_similarity(records: list[dict], labels: tuple[str, str], of: str, path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.2), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.2), squeeze=False, layout="constrained")
     for ax, record in zip(axes[0], records):
         r1, r2 = record["phi"].shape
         image = ax.imshow(record["phi"].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
@@ -146,9 +158,11 @@ def plot_similarity(records: list[dict], labels: tuple[str, str], of: str, path:
         ax.set_title(f"layer {record['layer']}, {record['matrix']}: φ({of}, i, j)")
         ax.set_xlabel(f"j (top-j of {labels[1]})")
         ax.set_ylabel(f"i (top-i of {labels[0]})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -194,12 +208,12 @@ def weights_and_updates(model: GPT) -> dict[tuple[int, str], tuple[torch.Tensor,
 def amplification_tables(paths: list[str], base: str | None, layers: str, targets: str, seed: int) -> list[dict]:
     """Table 7's numbers for each adapter and each requested (layer, matrix), W from `base` (default:
     the base recorded in the adapters)."""
-    base = base or read_adapter(paths[0])[1]["base"]
-    pristine = GPT.from_pretrained(base)
+    metadata = [read_adapter_file(path)[1] for path in paths]  # each file checked before the base loads
+    base = base or metadata[0]["base"]
     results = []
     for path in paths:
-        model = GPT.from_pretrained(base) if results else pristine  # load_adapter injects LoRA in place
-        config = load_adapter(model.eval(), path)
+        model = GPT.from_pretrained(base)  # a fresh base each: load_adapter injects LoRA in place
+        config = load_adapter(model, path)  # refuses an adapter of another base
         pairs = weights_and_updates(model)
         for layer, name in select(list(pairs), model.config.n_layer, layers, targets):
             row = amplification(*pairs[(layer, name)], config.rank, seed)
@@ -207,18 +221,22 @@ def amplification_tables(paths: list[str], base: str | None, layers: str, target
     return results
 
 
+TABLE7_ROWS = [
+    ("onto ΔW", "‖Uᵀ W Vᵀ‖_F, U,V of ΔW"), ("onto W", "             U,V of W"),
+    ("onto random", "             U,V random"), ("‖W‖_F", "‖W‖_F"), ("‖ΔW‖_F", "‖ΔW‖_F"),
+    ("amplification", "‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F"),
+]  # fmt: skip
+
+
 def format_table(results: list[dict]) -> str:
     """The paper's Table 7 layout: one column per adapter, one block per (layer, matrix)."""
+    width = max(len(label) for _, label in TABLE7_ROWS) + 2
     lines = []
     for layer, name in dict.fromkeys((r["layer"], r["matrix"]) for r in results):
         columns = [r for r in results if (r["layer"], r["matrix"]) == (layer, name)]
-        lines.append(f"layer {layer}, W = {name}" + "".join(f"{'r = ' + str(c['rank']):>12}" for c in columns))
-        for key, label in [
-            ("onto ΔW", "‖Uᵀ W Vᵀ‖_F, U,V of ΔW"), ("onto W", "             U,V of W"),
-            ("onto random", "             U,V random"), ("‖W‖_F", "‖W‖_F"), ("‖ΔW‖_F", "‖ΔW‖_F"),
-            ("amplification", "‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F"),
-        ]:  # fmt: skip
-            lines.append(f"{label:<{len(lines[-1]) - 12 * len(columns)}}" + "".join(f"{c[key]:>12.3f}" for c in columns))
+        lines.append(f"{f'layer {layer}, W = {name}':<{width}}" + "".join(f"{'r = ' + str(c['rank']):>10}" for c in columns))
+        for key, label in TABLE7_ROWS:
+            lines.append(f"{label:<{width}}" + "".join(f"{c[key]:>10.3f}" for c in columns))
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, SafetensorError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"analysis.py: error: {e}")
 
 

@@ -236,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
             save_adapter(model, args.out)
             c = model.lora_config
             print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, base {model.name_or_path}")
-    except (ValueError, OSError, SafetensorError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"peft_interop.py: error: {e}")
+    except SafetensorError as e:
+        path = args.adapter if args.command == "export" else os.path.join(args.folder, WEIGHTS_FILE)
+        sys.exit(f"peft_interop.py: error: {path} is not a safetensors file ({e})")
 
 
 if __name__ == "__main__":
