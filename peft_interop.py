@@ -164,7 +164,8 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
     if ours is not None:  # our own export: undo the stacking
         config = LoRAConfig(**{**ours, "targets": tuple(ours["targets"])})
     else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
-        targets = tuple(t for t in TARGETS if any(m in {module for _, module in pairs} for m, _, _ in TARGETS[t]))
+        adapted_modules = {module for _, module in pairs}
+        targets = tuple(t for t, entries in TARGETS.items() if any(m in adapted_modules for m, _, _ in entries))
         rank = max(A.shape[0] for A, _ in pairs.values())
         # our α/r is PEFT's default scaling; modules with another fold the ratio into B
         alpha = peft_scaling(peft_config, peft_config.get("lora_alpha", 8), peft_config.get("r", rank)) * rank

@@ -125,11 +125,11 @@ def test_table7_update_along_weak_directions_is_a_large_amplification():
 
 def test_table7_random_directions_see_r_squared_over_d_out_d_in_of_W():
     """E‖UᵀWV‖²_F = ‖W‖²_F · r² / (d_out · d_in) for random orthonormal U (d_out × r), V (d_in × r)."""
-    _, _, _, W = constructed_W()
-    r = 8
-    mean_square = sum(amplification(W, W, r, seed=seed)["onto random"] ** 2 for seed in range(30)) / 30
+    W = torch.randn(48, 40, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+    r, trials = 8, 12
+    mean_square = sum(amplification(W, W, r, seed=seed)["onto random"] ** 2 for seed in range(trials)) / trials
     expected = W.norm().item() ** 2 * r**2 / (W.shape[0] * W.shape[1])
-    assert mean_square == pytest.approx(expected, rel=0.2)
+    assert mean_square == pytest.approx(expected, rel=0.15)
 
 
 # ---- on adapter files, through the command line -----------------------------------------------------
