@@ -65,7 +65,7 @@ def adapted_matrices(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], 
 
 def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str) -> list[tuple[int, str]]:
     """The (layer, matrix) pairs a command line asks for. layers: 'all' or indices, -1 the last;
-    targets: matrix names, `mlp` meaning both of its matrices."""
+    targets: 'all' or matrix names, `mlp` meaning both of its matrices."""
     if layers == "all":
         wanted_layers = set(range(n_layer))
     else:
@@ -77,7 +77,7 @@ def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str
             if not -n_layer <= index < n_layer:
                 raise ValueError(f"layer {index} does not exist: the base has {n_layer} layers (0 to {n_layer - 1})")
             wanted_layers.add(index % n_layer)
-    wanted = parse_targets(targets)
+    wanted = MATRICES if targets == "all" else parse_targets(targets)
     chosen = [
         (layer, name) for layer, name in names
         if layer in wanted_layers and any(name == t or name.startswith(f"{t}.") for t in wanted)
@@ -124,7 +124,9 @@ def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path} is not an adapter file ({e})") from None
 
 
-def similarity(path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "q,v") -> tuple[list[dict], list[dict]]:
+def similarity(
+    path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "all"
+) -> tuple[list[dict], list[dict]]:
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter_file(path1), read_adapter_file(path2)
@@ -177,7 +179,8 @@ def projection_norm(W: torch.Tensor, of: torch.Tensor, rank: int) -> float:
 
 def amplification(W: torch.Tensor, delta: torch.Tensor, rank: int, seed: int = 0) -> dict[str, float]:
     """The paper's Table 7 for one matrix: W projected onto ΔW's, W's own and a random matrix's
-    top-r directions; ‖W‖_F, ‖ΔW‖_F and the amplification factor ‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F (U, V of ΔW)."""
+    top-r directions; ‖W‖_F, ‖ΔW‖_F and the amplification factor ‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F, U and V
+    those of ΔW."""
     W, delta = W.double(), delta.double()
     random = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     onto_delta = projection_norm(W, delta, rank)
@@ -234,7 +237,8 @@ def format_table(results: list[dict]) -> str:
     lines = []
     for layer, name in dict.fromkeys((r["layer"], r["matrix"]) for r in results):
         columns = [r for r in results if (r["layer"], r["matrix"]) == (layer, name)]
-        lines.append(f"{f'layer {layer}, W = {name}':<{width}}" + "".join(f"{'r = ' + str(c['rank']):>10}" for c in columns))
+        title = f"layer {layer}, W = {name}"
+        lines.append(f"{title:<{width}}" + "".join(f"{'r = ' + str(c['rank']):>10}" for c in columns))
         for key, label in TABLE7_ROWS:
             lines.append(f"{label:<{width}}" + "".join(f"{c[key]:>10.3f}" for c in columns))
         lines.append("")
@@ -251,14 +255,15 @@ def run_similarity(args: argparse.Namespace) -> None:
         labels = ("adapter 1", "adapter 2")
     for r in records:
         diagonal = " ".join(f"{r['phi'][i, i]:.2f}" for i in range(min(8, *r["phi"].shape)))
-        print(f"layer {r['layer']:>2} {r['matrix']:<10} φ(i, i), i = 1, 2, ...: {diagonal}   (random subspaces: ≈ i/{r['dim']})")
+        print(f"layer {r['layer']:>2} {r['matrix']:<10} φ(i, i), i = 1, 2, ...: {diagonal}   "
+              f"(random subspaces: ≈ i/{r['dim']})")
     os.makedirs(args.out, exist_ok=True)
     for layer in dict.fromkeys(r["layer"] for r in records):
         path = os.path.join(args.out, f"similarity-layer{layer}.png")
         plot_similarity([r for r in records if r["layer"] == layer], labels, args.of, path)
         print(f"wrote {path}")
     summary = dict(
-        paper="LoRA §7.2, eq. 4: phi[i-1][j-1] = ‖U1_iᵀ U2_j‖²_F / min(i, j); random subspaces give ≈ max(i, j)/dim",
+        paper="LoRA §7.2, eq. 4: phi[i-1][j-1] = ‖U1_iᵀ U2_j‖²_F / min(i, j); random subspaces: ≈ max(i, j)/dim",
         of=args.of, adapters=[args.adapter1, args.adapter2], ranks=[m["lora_config"]["rank"] for m in metadata],
         results=[dict(r, phi=r["phi"].tolist()) for r in records],
     )  # fmt: skip
@@ -297,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="whose singular vectors: A's right ones as in the paper (default), B's left ones, "
                      "or ΔW's right ones")  # fmt: skip
     sim.add_argument("--layers", default="-1", help="comma-separated layer indices (-1 = last) or 'all' (default -1)")
-    sim.add_argument("--targets", default="q,v", help="matrices: q,k,v,o,mlp (default q,v)")
-    sim.add_argument("--out", default="out-analysis", help="folder for the PNGs and similarity.json (default out-analysis)")
+    sim.add_argument("--targets", default="all", help="matrices: q,k,v,o,mlp, or all that both adapt (default all)")
+    sim.add_argument("--out", default="out-analysis", help="folder for the PNGs and similarity.json (default: out-analysis)")
     sim.set_defaults(run=run_similarity)
 
     amp = commands.add_parser(

@@ -51,7 +51,9 @@ PEFT_PREFIX = "base_model.model."
 HUB_ORGANISATION = "openai-community/"  # where the hub keeps gpt2, gpt2-medium, ...
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 OUR_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
-PEFT_KEY = re.compile(r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight")
+PEFT_KEY = re.compile(
+    r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight"
+)
 
 
 def parts_of(module: str, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
@@ -90,7 +92,8 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
             A = torch.cat([tensors[f"{prefix}.lora_A.{target}"] for target, _, _ in parts])  # (n·r, d_in)
             B = A.new_zeros(rows * parts[0][2], len(parts) * r)  # (d_out, n·r)
             for column, (target, index, _) in enumerate(parts):
-                B[index * rows : (index + 1) * rows, column * r : (column + 1) * r] = tensors[f"{prefix}.lora_B.{target}"]
+                block_rows, block_columns = slice(index * rows, (index + 1) * rows), slice(column * r, (column + 1) * r)
+                B[block_rows, block_columns] = tensors[f"{prefix}.lora_B.{target}"]
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.contiguous()
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B
     peft_config = dict(
@@ -121,14 +124,16 @@ def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tens
         raise ValueError(f"{folder} holds a {peft_config.get('peft_type')} adapter, not LoRA")
     unsupported = [k for k in ("use_dora", "modules_to_save", "trainable_token_indices") if peft_config.get(k)]
     if unsupported or peft_config.get("bias", "none") != "none":
-        raise ValueError(f"{folder} uses {', '.join(unsupported) or 'trained biases'}: not plain LoRA, lora.py has no equivalent")
+        what = ", ".join(unsupported) or "trained biases"
+        raise ValueError(f"{folder} uses {what}: not plain LoRA, lora.py has no equivalent")
     with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
         ours = (f.metadata() or {}).get("lora_py_config")
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         for key in f.keys():
             match = PEFT_KEY.fullmatch(key)
             if match is None:
-                raise ValueError(f"{folder}: tensor {key} is on a module lora.py does not adapt (it adapts c_attn, c_proj, c_fc)")
+                raise ValueError(f"{folder}: tensor {key} is on a module lora.py does not adapt "
+                                 "(it adapts attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")  # fmt: skip
             layer, module, which = match.groups()
             pairs.setdefault((int(layer), module), {})[which] = f.get_tensor(key)
     return peft_config, {key: (pair["A"], pair["B"]) for key, pair in pairs.items()}, json.loads(ours) if ours else None
@@ -219,8 +224,10 @@ def main(argv: list[str] | None = None) -> None:
                                  description="Write a PEFT LoRA folder from an adapter file of lora.py.")  # fmt: skip
     export.add_argument("adapter", help="an adapter file written by lora.save_adapter / train.py")
     export.add_argument("--out", required=True, help="the PEFT folder to write (created if missing)")
-    to_ours = commands.add_parser("import", help="a PEFT folder -> our adapter file",
-                                  description="Read a PEFT LoRA for GPT-2 and write it as an adapter file of lora.py.")  # fmt: skip
+    to_ours = commands.add_parser(
+        "import", help="a PEFT folder -> our adapter file",
+        description="Read a PEFT LoRA for GPT-2 and write it as an adapter file of lora.py.",
+    )  # fmt: skip
     to_ours.add_argument("folder", help="a PEFT folder: adapter_config.json + adapter_model.safetensors")
     to_ours.add_argument("--base", default=None, help="gpt2, gpt2-medium, ... or a folder (default: the "
                          "adapter_config's base_model_name_or_path)")  # fmt: skip
@@ -230,13 +237,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "export":
             config = export_peft(args.adapter, args.out)
             ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
-            print(f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on "
-                  + ", ".join(f"{m} (rank {r})" for m, r in ranks.items()) + f", base {config['base_model_name_or_path']}")  # fmt: skip
+            modules = ", ".join(f"{m} (rank {r})" for m, r in ranks.items())
+            print(f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}, "
+                  f"base {config['base_model_name_or_path']}")  # fmt: skip
         else:
             model = import_peft(args.folder, args.base)
             save_adapter(model, args.out)
             c = model.lora_config
-            print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, base {model.name_or_path}")
+            print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
+                  f"base {model.name_or_path}")  # fmt: skip
     except (ValueError, OSError) as e:
         sys.exit(f"peft_interop.py: error: {e}")
     except SafetensorError as e:

@@ -36,7 +36,8 @@ def test_subspace_with_itself_is_1_everywhere():
     A = torch.randn(8, 64, dtype=torch.float64)
     phi = subspace_similarity(basis(A), basis(3 * A))
     assert phi.shape == (8, 8)
-    assert torch.allclose(phi, torch.ones(8, 8, dtype=torch.float64), atol=1e-10)  # diagonal 1, and nested top-i ⊂ top-j off it
+    # 1 on the diagonal, and off it too: the top-i directions lie inside the top-j for i ≤ j
+    assert torch.allclose(phi, torch.ones(8, 8, dtype=torch.float64), atol=1e-10)
 
 
 def test_disjoint_subspaces_give_0():
@@ -169,7 +170,7 @@ def test_similarity_command_writes_json_and_pngs(two_adapters, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "layer  1 q" in capsys.readouterr().out
 
-    main(["similarity", r4, r4, "--out", out])  # an adapter against itself: 1 everywhere
+    main(["similarity", r4, r4, "--targets", "q,v", "--out", out])  # an adapter against itself: 1 everywhere
     summary = json.load(open(f"{out}/similarity.json"))
     assert [(r["layer"], r["matrix"]) for r in summary["results"]] == [(1, "q"), (1, "v")]
     assert all(math.isclose(x, 1.0, abs_tol=1e-9) for r in summary["results"] for row in r["phi"] for x in row)
