@@ -10,11 +10,11 @@ vectors, ordered by singular value; U1_i are the top i of adapter 1, U2_j the to
 
 1 means the smaller of the two subspaces lies inside the other; 0 means they are orthogonal. Random
 subspaces of R^d give E‖U_iᵀ U_j‖²_F = i·j/d, so φ ≈ max(i, j)/d: the baseline to read φ against.
-We follow the paper (and its code) in using A's right-singular vectors: the "U_A" of Fig. 3 is "the
-right-singular unitary matrix" of A, a subspace of the input space R^d_in. `--of B` takes B's
-left-singular vectors instead (R^d_out; the paper notes "a similar analysis can be carried out with
-B"), `--of delta` the right-singular vectors of ΔW = (α/r)·B·A, whose span is A's but whose order
-is set by the whole product.
+We follow the paper in using A's right-singular vectors: its U_A are "the right-singular unitary
+matrices" of A, a subspace of the input space R^d_in. `--of B` takes B's left-singular vectors
+instead (R^d_out; the paper notes the same analysis can be done with B), `--of delta` the top-r
+right-singular vectors of ΔW = (α/r)·B·A, which span A's row space when B has full rank but are
+ordered by the whole product.
 
 amplification (§7.3, Table 7): how does ΔW relate to W? Project W onto ΔW's r-dimensional subspace,
 ‖Uᵀ W Vᵀ‖_F with U (d_out × r) and Vᵀ (r × d_in) the top-r left/right singular vectors of ΔW, and

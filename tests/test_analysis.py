@@ -178,6 +178,11 @@ def test_similarity_command_writes_json_and_pngs(two_adapters, capsys):
     assert [(r["layer"], r["matrix"]) for r in summary["results"]] == [(1, "q"), (1, "v")]
     assert all(math.isclose(x, 1.0, abs_tol=1e-9) for r in summary["results"] for row in r["phi"] for x in row)
 
+    for of in ("B", "delta"):  # the other two subspaces: the same table shape, the choice recorded
+        main(["similarity", r2, r4, "--of", of, "--targets", "v", "--out", out])
+        summary = json.load(open(f"{out}/similarity.json"))
+        assert summary["of"] == of and len(summary["results"][0]["phi"][0]) == 4
+
 
 def test_adapted_matrices_reads_the_adapter_layout(two_adapters):
     from lora import read_adapter
