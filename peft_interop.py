@@ -1,0 +1,257 @@
+"""Adapters between lora.py and Hugging Face PEFT, exactly, in both directions.
+
+PEFT puts one LoRA on each whole module: lora_A (R × d_in) and lora_B (d_out × R) in nn.Linear's
+layout, scaling lora_alpha / R (lora_alpha / √R with use_rslora), stored in a folder as
+`adapter_config.json` + `adapter_model.safetensors` with keys like
+`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`. GPT-2's four projections are Conv1D
+modules in transformers, whose weight is stored (d_in × d_out); PEFT sets `fan_in_fan_out` for them
+and transposes B·A when it adds it, so A and B themselves keep the layout that ours have.
+
+Ours (lora.py) gives each of q, k, v its own A (r × C) and B (C × r) on a row block of the fused
+c_attn (3C × C). Stacked, they are one PEFT LoRA of rank n·r on c_attn, n the number of parts:
+
+    ΔW_c_attn = (α/r) · [B_q·A_q ; B_k·A_k ; B_v·A_v] = (α_peft / (n·r)) · B_peft · A_peft
+
+with A_peft = cat(A_q, A_v) (2r × C) for q,v, B_peft (3C × 2r) holding B_q in rows 0..C, columns
+0..r and B_v in rows 2C..3C, columns r..2r, zeros elsewhere, and α_peft = n·α so that α_peft / (n·r)
+= α/r. Exact: the same products, the same scaling. `o` is attn.c_proj and `mlp` is mlp.c_fc and
+mlp.c_proj, one part each: A and B are copied as they are. A c_attn rank that differs from the
+others goes into PEFT's `rank_pattern` / `alpha_pattern`.
+
+Importing reverses this. A folder we exported says so in its safetensors header, and comes back
+tensor for tensor. Any other PEFT LoRA (made with PEFT's API, say) comes in exactly too, but wider:
+a rank-R update of the whole c_attn does not split into separate q, k, v updates of lower rank in
+general, so each of q, k, v gets rank R with A_q = A_k = A_v = A_peft and B_q, B_k, B_v the row
+blocks of B_peft ((B·A)'s row block is B_block·A). Modules of lower rank are padded to the largest
+(extra rows of A keep their fresh init, the matching columns of B are zero, so they add nothing),
+and each module's scaling is folded into its B, so one α/r fits all.
+
+    python peft_interop.py export out/adapter.safetensors --out out/peft
+    python peft_interop.py import out/peft --base gpt2 --out out/from-peft.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lora import TARGETS, LoRAConfig, apply_lora, lora_state_dict, read_adapter, save_adapter, unwrap
+from model import GPT, PRETRAINED, atomic_path
+
+PEFT_PREFIX = "base_model.model."
+HUB_ORGANISATION = "openai-community/"  # where the hub keeps gpt2, gpt2-medium, ...
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+OUR_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
+PEFT_KEY = re.compile(
+    r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight"
+)
+
+
+def parts_of(module: str, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """The (target, row block, number of blocks) that `targets` put on `module`, in TARGETS order."""
+    return [(t, index, n_blocks) for t in targets for m, index, n_blocks in TARGETS[t] if m == module]
+
+
+def modules_of(targets: tuple[str, ...]) -> list[str]:
+    """The modules `targets` adapt, each once: ('q', 'v', 'mlp') -> ['attn.c_attn', 'mlp.c_fc', 'mlp.c_proj']."""
+    return list(dict.fromkeys(m for t in targets for m, _, _ in TARGETS[t]))
+
+
+# ---- export: ours -> PEFT ---------------------------------------------------------------------------
+
+
+def export_peft(adapter: str | GPT, folder: str) -> dict:
+    """Write `folder/adapter_config.json` + `folder/adapter_model.safetensors` that PEFT loads onto
+    transformers' GPT2LMHeadModel with the same outputs. `adapter`: an adapter file or a model with
+    LoRA. Returns the PEFT config written."""
+    if isinstance(adapter, str):
+        tensors, metadata = read_adapter(adapter)
+        config, base = LoRAConfig(**metadata["lora_config"]), metadata["base"]
+    else:
+        raw = unwrap(adapter)
+        tensors = {k: v.detach().cpu() for k, v in lora_state_dict(raw).items()}
+        config, base = raw.lora_config, raw.name_or_path
+    r, n_layer = config.rank, 1 + max(int(OUR_KEY.fullmatch(k).group(1)) for k in tensors)
+    peft_tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for module in modules_of(config.targets):
+        parts = parts_of(module, config.targets)
+        if len(parts) > 1:  # stacked q/k/v: rank n·r, alpha n·α, so that α_peft / R = α/r
+            rank_pattern[module], alpha_pattern[module] = len(parts) * r, len(parts) * config.alpha
+        for layer in range(n_layer):
+            prefix = f"transformer.h.{layer}.{module}"
+            rows = tensors[f"{prefix}.lora_B.{parts[0][0]}"].shape[0]  # each part covers d_out / n_blocks rows
+            A = torch.cat([tensors[f"{prefix}.lora_A.{target}"] for target, _, _ in parts])  # (n·r, d_in)
+            B = A.new_zeros(rows * parts[0][2], len(parts) * r)  # (d_out, n·r)
+            for column, (target, index, _) in enumerate(parts):
+                block_rows, block_columns = slice(index * rows, (index + 1) * rows), slice(column * r, (column + 1) * r)
+                B[block_rows, block_columns] = tensors[f"{prefix}.lora_B.{target}"]
+            peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.contiguous()
+            peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B
+    peft_config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM",
+        base_model_name_or_path=HUB_ORGANISATION + base if base in PRETRAINED else base,
+        r=r, lora_alpha=config.alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        target_modules=modules_of(config.targets), fan_in_fan_out=True,  # GPT-2's Conv1D
+        lora_dropout=config.dropout, bias="none", use_rslora=False, use_dora=False, inference_mode=True,
+    )  # fmt: skip
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, WEIGHTS_FILE)) as tmp:
+        # the header records our config, so an import can undo the stacking tensor for tensor
+        save_file(peft_tensors, tmp, metadata={"format": "pt", "lora_py_config": json.dumps(asdict(config))})
+    with atomic_path(os.path.join(folder, CONFIG_FILE)) as tmp, open(tmp, "w") as f:
+        json.dump(peft_config, f, indent=2)
+    return peft_config
+
+
+# ---- import: PEFT -> ours ---------------------------------------------------------------------------
+
+
+def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict | None]:
+    """(adapter_config, {(layer, module): (A, B)}, our LoRA config if we exported it) of a PEFT folder.
+    Refuses what has no exact counterpart here: other PEFT methods, DoRA, trained biases, other modules."""
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        peft_config = json.load(f)
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder} holds a {peft_config.get('peft_type')} adapter, not LoRA")
+    unsupported = [k for k in ("use_dora", "modules_to_save", "trainable_token_indices") if peft_config.get(k)]
+    if unsupported or peft_config.get("bias", "none") != "none":
+        what = ", ".join(unsupported) or "trained biases"
+        raise ValueError(f"{folder} uses {what}: not plain LoRA, lora.py has no equivalent")
+    with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
+        ours = (f.metadata() or {}).get("lora_py_config")
+        pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            match = PEFT_KEY.fullmatch(key)
+            if match is None:
+                raise ValueError(f"{folder}: tensor {key} is on a module lora.py does not adapt "
+                                 "(it adapts attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")  # fmt: skip
+            layer, module, which = match.groups()
+            pairs.setdefault((int(layer), module), {})[which] = f.get_tensor(key)
+    return peft_config, {key: (pair["A"], pair["B"]) for key, pair in pairs.items()}, json.loads(ours) if ours else None
+
+
+def peft_alpha(peft_config: dict, layer: int, module: str) -> float:
+    """The lora_alpha PEFT gives one module: alpha_pattern's first key that matches its name (as
+    PEFT's get_pattern_key matches them), else lora_alpha."""
+    name = f"transformer.h.{layer}.{module}"
+    pattern = peft_config.get("alpha_pattern") or {}
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+    return pattern[key] if key is not None else peft_config.get("lora_alpha", 8)
+
+
+def peft_scaling(peft_config: dict, alpha: float, rank: int) -> float:
+    """PEFT's scaling: alpha / R, or alpha / √R with use_rslora."""
+    return alpha / (math.sqrt(rank) if peft_config.get("use_rslora") else rank)
+
+
+def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
+    """The base (default: the adapter's base_model_name_or_path) with the PEFT adapter in `folder`
+    as our LoRA, same outputs as PEFT gives. Save it with lora.save_adapter."""
+    peft_config, pairs, ours = read_peft(folder)
+    if base is None:
+        base = peft_config.get("base_model_name_or_path") or ""
+        base = base.removeprefix(HUB_ORGANISATION)
+        if not base:
+            raise ValueError(f"{folder}'s adapter_config.json names no base model: pass one")
+    model = GPT.from_pretrained(base) if isinstance(base, str) else base
+    n_layer = model.config.n_layer
+    if any(layer >= n_layer for layer, _ in pairs):
+        raise ValueError(f"{folder} adapts layer {max(l for l, _ in pairs)}, but the base has {n_layer} layers")
+    if ours is not None:  # our own export: undo the stacking
+        config = LoRAConfig(**{**ours, "targets": tuple(ours["targets"])})
+    else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
+        adapted_modules = {module for _, module in pairs}
+        targets = tuple(t for t, entries in TARGETS.items() if any(m in adapted_modules for m, _, _ in entries))
+        rank = max(A.shape[0] for A, _ in pairs.values())
+        # our α/r is PEFT's default scaling; modules with another fold the ratio into B
+        alpha = peft_scaling(peft_config, peft_config.get("lora_alpha", 8), peft_config.get("r", rank)) * rank
+        config = LoRAConfig(rank, alpha, targets, peft_config.get("lora_dropout", 0.0))
+    apply_lora(model, config.rank, config.alpha, config.targets, config.dropout)
+    scaling = config.alpha / config.rank
+    with torch.no_grad():
+        for layer_index, block in enumerate(model.transformer.h):
+            for module in modules_of(config.targets):
+                if (layer_index, module) not in pairs:
+                    continue  # not adapted there by PEFT: B stays zero, ΔW = 0
+                A, B = pairs[(layer_index, module)]
+                lora = block.get_submodule(module)
+                if A.shape[1] != lora.in_features or B.shape[0] != lora.out_features:
+                    raise ValueError(f"{folder}: {module} of layer {layer_index} is {B.shape[0]} × {A.shape[1]}, "
+                                     f"the base's is {lora.out_features} × {lora.in_features}")  # fmt: skip
+                fold = peft_scaling(peft_config, peft_alpha(peft_config, layer_index, module), A.shape[0]) / scaling
+                parts = parts_of(module, config.targets)
+                if ours is not None and A.shape[0] != len(parts) * config.rank:
+                    raise ValueError(f"{folder}: {module} of layer {layer_index} has rank {A.shape[0]}, "
+                                     f"not {len(parts)} × {config.rank} as its header says")  # fmt: skip
+                for column, (target, _, _) in enumerate(parts):
+                    rows = lora.parts[target]
+                    if ours is not None:  # this part's own block of columns
+                        columns = slice(column * config.rank, (column + 1) * config.rank)
+                        lora.lora_A[target].copy_(A[columns])
+                        lora.lora_B[target].copy_(B[rows, columns] * fold)
+                    else:
+                        lora.lora_A[target][: A.shape[0]] = A
+                        lora.lora_B[target].zero_()
+                        lora.lora_B[target][:, : A.shape[0]] = B[rows] * fold
+    return model
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Convert LoRA adapters between this project (adapter.safetensors) and Hugging Face PEFT "
+        "(a folder with adapter_config.json + adapter_model.safetensors for transformers' GPT-2). "
+        "Both directions are exact: the adapted model gives the same outputs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python peft_interop.py export out/adapter.safetensors --out out/peft\n"
+        "  python peft_interop.py import out/peft --out out/from-peft.safetensors   # base from adapter_config.json\n"
+        "then, in Python: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="our adapter file -> a PEFT folder",
+                                 description="Write a PEFT LoRA folder from an adapter file of lora.py.")  # fmt: skip
+    export.add_argument("adapter", help="an adapter file written by lora.save_adapter / train.py")
+    export.add_argument("--out", required=True, help="the PEFT folder to write (created if missing)")
+    to_ours = commands.add_parser(
+        "import", help="a PEFT folder -> our adapter file",
+        description="Read a PEFT LoRA for GPT-2 and write it as an adapter file of lora.py.",
+    )  # fmt: skip
+    to_ours.add_argument("folder", help="a PEFT folder: adapter_config.json + adapter_model.safetensors")
+    to_ours.add_argument("--base", default=None, help="gpt2, gpt2-medium, ... or a folder (default: the "
+                         "adapter_config's base_model_name_or_path)")  # fmt: skip
+    to_ours.add_argument("--out", required=True, help="the adapter file to write, e.g. adapter.safetensors")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            config = export_peft(args.adapter, args.out)
+            ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
+            modules = ", ".join(f"{m} (rank {r})" for m, r in ranks.items())
+            print(f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}, "
+                  f"base {config['base_model_name_or_path']}")  # fmt: skip
+        else:
+            model = import_peft(args.folder, args.base)
+            save_adapter(model, args.out)
+            c = model.lora_config
+            print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
+                  f"base {model.name_or_path}")  # fmt: skip
+    except (ValueError, OSError) as e:
+        sys.exit(f"peft_interop.py: error: {e}")
+    except SafetensorError as e:
+        path = args.adapter if args.command == "export" else os.path.join(args.folder, WEIGHTS_FILE)
+        sys.exit(f"peft_interop.py: error: {path} is not a safetensors file ({e})")
+
+
+if __name__ == "__main__":
+    main()
