@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -88,6 +89,16 @@ def build_model(source: str, device: str) -> GPT:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. On Linux, /proc's VmHWM, which starts afresh at exec:
+    ru_maxrss does not, so a spawned child would report its parent's peak if that was higher."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux: ru_maxrss, in bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def describe_device(device: str) -> str:
@@ -208,6 +219,7 @@ def peer_setup(run: TrainingRun, source: str, device: str):
 
     transformers.logging.set_verbosity_error()  # its config warnings and progress bars, not ours
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calling transformers' deprecated API
     if source in PRETRAINED:
         c = PRETRAINED[source]
         config = transformers.GPT2Config(
@@ -251,10 +263,7 @@ def measure_training(run: TrainingRun, source: str, shape: tuple[int, int], devi
     for _ in range(warmup):
         step()
     seconds = [timed(step, device) for _ in range(trials)]
-    if device.startswith("cuda"):
-        peak_memory = torch.cuda.max_memory_allocated(device)
-    else:  # the peak resident set of this process: kB on Linux, bytes on macOS
-        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else peak_resident_bytes()
     optimizer_bytes = sum(
         t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
     )
@@ -378,6 +387,9 @@ def chart(rows: list[dict], path: str) -> bool:
         (axes[1], "training", ["tokens/s", "peak memory"]),
     ):
         table_rows = [r for r in rows if r["table"] == table and r["metric"] in metrics and r["what"] != r["reference"]]
+        if not table_rows:  # that table was skipped
+            ax.set_visible(False)
+            continue
         groups = list(dict.fromkeys(r["shape"] if table == "inference" else r["metric"] for r in table_rows))
         names = list(dict.fromkeys(r["what"] for r in table_rows))
         width = 0.8 / max(len(names), 1)

@@ -66,3 +66,18 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):
         bench.main(["--device", "cpu", *argv])
+
+
+def test_peft_peer_has_our_parameter_count(tmp_path):
+    """PEFT's LoRA on the whole fused c_attn (its stand-in for q,v) trains as many parameters as
+    ours at the same rank: one A (r × d) and B (3d × r) against two A (r × d) and B (d × r)."""
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    ours, peft_run = (r for r in bench.training_runs(peers=True) if r.targets == ("q", "v"))
+    measured = {
+        run.library: bench.measure_training(run, str(tmp_path / "tiny"), (2, 8), "cpu", "float32", warmup=0, trials=1)
+        for run in (ours, peft_run)
+    }
+    assert measured["hf"]["trainable params"] == measured["ours"]["trainable params"] == [512]
+    assert 0 < measured["hf"]["checkpoint"][0] < 37_000  # the adapter, not the model
