@@ -104,7 +104,12 @@ def peak_resident_bytes() -> int:
 def describe_device(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def row(table: str, what: str, metric: str, unit: str, values: list[float], reference: str, **context) -> dict:
@@ -313,7 +318,12 @@ def human(value: float, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "":
         return f"{value / 1e6:.3g}M" if value >= 1e5 else f"{value:,.0f}"
-    return f"{value:,.4g} {unit}".replace("tokens/s", "tok/s")
+    return f"{number(value)} {unit}".replace("tokens/s", "tok/s")
+
+
+def number(value: float) -> str:
+    """1,449.4 / 19.8 / 0.481: four or so significant digits, never an exponent."""
+    return f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def latency_table(rows: list[dict]) -> str:
@@ -327,7 +337,7 @@ def latency_table(rows: list[dict]) -> str:
         out = []
         for shape in shapes:
             r = cells[(name, shape)]
-            cell = f"{r['median']:.4g} [{r['min']:.4g}–{r['max']:.4g}]"
+            cell = f"{number(r['median'])} [{number(r['min'])}–{number(r['max'])}]"
             if name != r["reference"]:
                 cell += f" {100 * (r['ratio'] - 1):+.1f}%"
             paper = PAPER_TABLE1.get(tuple(int(n) for n in shape.split("x")), {}).get(name)

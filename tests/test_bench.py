@@ -68,7 +68,7 @@ def test_bench_refuses_bad_input(argv):
         bench.main(["--device", "cpu", *argv])
 
 
-def test_peft_peer_has_our_parameter_count(tmp_path):
+def test_peft_peer_has_our_parameter_count(tmp_path, one_thread):
     """PEFT's LoRA on the whole fused c_attn (its stand-in for q,v) trains as many parameters as
     ours at the same rank: one A (r × d) and B (3d × r) against two A (r × d) and B (d × r)."""
     pytest.importorskip("peft")
