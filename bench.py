@@ -293,6 +293,8 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     """One fresh process per configuration (spawned, so CUDA works in it and no memory is shared)."""
     batch, seq = args.train_shape
     dtype = resolve_dtype(args.device, args.dtype)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
     rows = []
     for run in tqdm(training_runs(args.peers), desc="training", leave=False):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
