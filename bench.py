@@ -278,7 +278,7 @@ def measure_training(run: TrainingRun, source: str, shape: tuple[int, int], devi
     return {
         "step time": [1000 * s for s in seconds],
         "tokens/s": [batch * seq / s for s in seconds],
-        "trainable params": [sum(p.numel() for p in trainable)],
+        "trainable params": [trainable_parameters(model)],
         "optimizer state": [optimizer_bytes],
         "peak memory": [peak_memory],
         "checkpoint": [checkpoint_bytes],
@@ -314,9 +314,9 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
 
 def human(value: float, unit: str) -> str:
     if unit == "B":
-        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        for prefix, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if value >= scale:
-                return f"{value / scale:.3g} {unit}"
+                return f"{value / scale:.3g} {prefix}"
         return f"{value:.0f} B"
     if unit == "":
         return f"{value / 1e6:.3g}M" if value >= 1e5 else f"{value:,.0f}"
