@@ -440,7 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(Table 1) and LoRA vs full fine-tuning training memory, speed and checkpoint size (§4.2).",
         epilog="Defaults depend on the device. CPU: gpt2, shapes 1x128,4x256, training 2x128, 5 trials "
         "(a few minutes on 2 cores). CUDA: gpt2-medium, the paper's shapes 32x512,16x256,1x128, training "
-        "8x512, 20 trials, bf16 (about two minutes on an H100). Example: python bench.py --peers --out bench-out",
+        "8x512, 20 trials, bf16 (estimated at 2 to 3 minutes on an H100). Example: python bench.py --peers --out bench-out",
     )
     parser.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights, no download), "
                         "or a folder with config.json + model.safetensors")  # fmt: skip
