@@ -1,0 +1,502 @@
+"""bench.py: the LoRA paper's efficiency claims, measured on this machine.
+
+The paper claims (Hu et al., 2021):
+- §4.1 and Table 1: adapters add inference latency (+2.2% to +30.3% on GPT-2 medium), while LoRA,
+  merged into W = W0 + B·A, adds none.
+- §4.2 "Practical Benefits": on GPT-3 175B, LoRA cuts training memory from 1.2 TB to 350 GB (3×),
+  the checkpoint from 350 GB to 35 MB (10,000×), and trains 25% faster.
+
+Two tables measure them, each row against its reference:
+- inference: one forward pass without gradients, per (batch, seq) shape, for the base model
+  (= a fully fine-tuned model), merged LoRA, unmerged LoRA, Adapter^H and Adapter^L (adapter_layers.py);
+  median, min and max over trials after a warm-up; the reference is the base.
+- training: full fine-tuning vs LoRA (r=4 on q,v; r=4 on every target) on one batch of random
+  tokens: trainable parameters, optimizer state, peak memory, step time, tokens/s and checkpoint
+  size; each configuration in a fresh process, so peak memory is its own; the reference is full
+  fine-tuning. `--peers` adds Hugging Face GPT-2 with full fine-tuning and with PEFT's LoRA.
+
+Weights are random (latency and memory do not depend on their values) unless --model is a folder.
+Writes OUT/results.json (one row per measurement), prints markdown tables, and draws OUT/bench.png
+when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from adapter_layers import add_houlsby_adapters, add_lin_adapters
+from lora import TARGETS, apply_lora, merge_lora, save_adapter
+from model import GPT, PRETRAINED, atomic_path, autocast, resolve_device, resolve_dtype
+
+LORA_RANK, LORA_ALPHA = 4, 8.0
+
+# Table 1 of the paper: latency overhead (%) of the adapters over the base, GPT-2 medium, per (batch, seq).
+PAPER_TABLE1 = {
+    (32, 512): {"Adapter^L": 2.2, "Adapter^H": 3.0},
+    (16, 256): {"Adapter^L": 5.0, "Adapter^H": 8.4},
+    (1, 128): {"Adapter^L": 20.7, "Adapter^H": 30.3},
+}
+# §4.2 on GPT-3 175B: what LoRA (r=4, q,v) gives relative to full fine-tuning.
+PAPER_TRAINING = {"peak memory": 1.2e12 / 350e9, "checkpoint": 350e9 / 35e6, "tokens/s": 1.25}
+
+# Defaults per device: a CPU run finishes in a few minutes on 2 cores; on a GPU, the paper's shapes.
+DEFAULTS = {
+    "cpu": dict(model="gpt2", shapes="1x128,4x256", train_shape="2x128", trials=5, warmup=1),
+    "cuda": dict(model="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", trials=20, warmup=5),
+}
+
+
+# ---- timing and models ----------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of `fn` takes; on CUDA, waits for the kernels it queued."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def build_model(source: str, device: str) -> GPT:
+    """A GPT-2 of a published size with random weights (no download), or the checkpoint in a folder."""
+    if source in PRETRAINED:
+        with torch.device(device):  # initialise on the device: fast on a GPU
+            return GPT(PRETRAINED[source])
+    return GPT.from_pretrained(source).to(device)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. On Linux, /proc's VmHWM, which starts afresh at exec:
+    ru_maxrss does not, so a spawned child would report its parent's peak if that was higher."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux: ru_maxrss, in bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def row(table: str, what: str, metric: str, unit: str, values: list[float], reference: str, **context) -> dict:
+    """One measurement as results.json stores it: median, min and max of its values."""
+    return dict(
+        table=table, what=what, metric=metric, unit=unit, reference=reference, **context,
+        median=statistics.median(values), min=min(values), max=max(values),
+    )  # fmt: skip
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ratio = median / the median of the row's reference (same table, metric and shape)."""
+    reference = {(r["table"], r["metric"], r["shape"]): r["median"] for r in rows if r["what"] == r["reference"]}
+    for r in rows:
+        r["ratio"] = r["median"] / reference[(r["table"], r["metric"], r["shape"])]
+    return rows
+
+
+# ---- inference latency (the paper's Table 1) ------------------------------------------------------
+
+BASE = "base (= full FT)"
+
+
+def inference_variants(base: GPT) -> dict[str, nn.Module]:
+    """The models of Table 1, all from copies of one base. Merged LoRA runs exactly the base's
+    kernels (§4.1); unmerged LoRA and the adapters add layers that run in sequence."""
+    merged = apply_lora(copy.deepcopy(base), LORA_RANK, LORA_ALPHA, ("q", "v"))
+    merge_lora(merged)
+    return {
+        BASE: base,
+        "LoRA merged": merged,
+        "LoRA unmerged": apply_lora(copy.deepcopy(base), LORA_RANK, LORA_ALPHA, ("q", "v")),
+        "Adapter^H": add_houlsby_adapters(copy.deepcopy(base)),
+        "Adapter^L": add_lin_adapters(copy.deepcopy(base)),
+    }
+
+
+@torch.no_grad()
+def inference_rows(args: argparse.Namespace) -> list[dict]:
+    """Median/min/max latency of one forward pass per model and shape. The weights are cast to
+    --dtype, as a model is served. Trials go round-robin over the models, so a slow spell of a
+    shared machine hits every model alike rather than one."""
+    device, dtype = args.device, resolve_dtype(args.device, args.dtype)
+    torch.manual_seed(0)
+    base = build_model(args.model, device).to(dtype).eval()
+    variants = inference_variants(base)
+    rows = []
+    for batch, seq in args.shapes:
+        x = torch.randint(base.config.vocab_size, (batch, seq), device=device)
+        for model in variants.values():
+            for _ in range(args.warmup):
+                model(x)
+        seconds = {name: [] for name in variants}
+        for _ in tqdm(range(args.trials), desc=f"inference {batch}x{seq}", leave=False):
+            for name, model in variants.items():
+                seconds[name].append(timed(lambda: model(x), device))
+        for name, model in variants.items():
+            params = base.num_parameters() if name == BASE else trainable_parameters(model)
+            rows.append(
+                row("inference", name, "latency", "ms", [1000 * s for s in seconds[name]], BASE,
+                    model=args.model, shape=f"{batch}x{seq}", device=args.device_name,
+                    dtype=str(dtype).removeprefix("torch."), params=params)
+            )  # fmt: skip
+    return rows
+
+
+# ---- training efficiency (§4.2) ---------------------------------------------------------------------
+
+FULL = "full FT"
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    what: str
+    library: str  # "ours" (model.py + lora.py) or "hf" (transformers' GPT2LMHeadModel, + PEFT for LoRA)
+    targets: tuple[str, ...] = ()  # lora.py's target names; none = full fine-tuning
+
+
+def training_runs(peers: bool) -> list[TrainingRun]:
+    runs = [
+        TrainingRun(FULL, "ours"),
+        TrainingRun(f"LoRA r={LORA_RANK} q,v", "ours", ("q", "v")),
+        TrainingRun(f"LoRA r={LORA_RANK} all", "ours", tuple(TARGETS)),
+    ]
+    if peers:
+        runs += [
+            TrainingRun("HF full FT", "hf"),
+            TrainingRun(f"HF+PEFT LoRA r={LORA_RANK} c_attn", "hf", ("q", "v")),
+            TrainingRun(f"HF+PEFT LoRA r={LORA_RANK} all", "hf", tuple(TARGETS)),
+        ]
+    return runs
+
+
+def our_setup(run: TrainingRun, source: str, device: str):
+    """(model, loss of a batch, save a checkpoint into a folder) for model.py + lora.py."""
+    model = build_model(source, device)
+    if run.targets:
+        apply_lora(model, LORA_RANK, LORA_ALPHA, run.targets)
+
+        def save(folder):
+            save_adapter(model, os.path.join(folder, "adapter.safetensors"))
+    else:
+        save = model.save_pretrained
+    return model, lambda x: model(x, x)[1], save
+
+
+def peer_setup(run: TrainingRun, source: str, device: str):
+    """The same for Hugging Face GPT-2 and PEFT. PEFT adapts whole modules: it cannot give q and v
+    of the fused c_attn their own A and B, so q,v becomes LoRA on all of c_attn (q, k and v under
+    one A and one B: at r=4 the same parameter count, 12,288 per block at d=768, but k adapted too)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its config warnings and progress bars, not ours
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calling transformers' deprecated API
+    if source in PRETRAINED:
+        c = PRETRAINED[source]
+        config = transformers.GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        with torch.device(device):
+            model = transformers.GPT2LMHeadModel(config)
+    else:
+        model = transformers.GPT2LMHeadModel.from_pretrained(source).to(device)
+    if run.targets:
+        import peft
+
+        modules = sorted({name for t in run.targets for name, _, _ in TARGETS[t]})  # e.g. attn.c_attn
+        lora_config = peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=modules, fan_in_fan_out=True
+        )
+        model = peft.get_peft_model(model, lora_config)
+    return model, lambda x: model(input_ids=x, labels=x).loss, model.save_pretrained
+
+
+def measure_training(run: TrainingRun, source: str, shape: tuple[int, int], device: str, dtype_name: str,
+                     warmup: int, trials: int) -> dict[str, list[float]]:  # fmt: skip
+    """Train `run` for warmup + trials steps of AdamW on random tokens; runs in its own process."""
+    torch.manual_seed(0)
+    dtype = resolve_dtype(device, dtype_name)
+    model, loss_of, save = (our_setup if run.library == "ours" else peer_setup)(run, source, device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
+    batch, seq = shape
+    x = torch.randint(model.config.vocab_size, (batch, seq), device=device)
+
+    def step():
+        with autocast(device, dtype):  # no GradScaler for float16: these steps are timed, not trained
+            loss = loss_of(x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    seconds = [timed(step, device) for _ in range(trials)]
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else peak_resident_bytes()
+    optimizer_bytes = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        save(folder)
+        checkpoint_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return {
+        "step time": [1000 * s for s in seconds],
+        "tokens/s": [batch * seq / s for s in seconds],
+        "trainable params": [trainable_parameters(model)],
+        "optimizer state": [optimizer_bytes],
+        "peak memory": [peak_memory],
+        "checkpoint": [checkpoint_bytes],
+    }
+
+
+UNITS = {"step time": "ms", "tokens/s": "tokens/s", "trainable params": "", "optimizer state": "B",
+         "peak memory": "B", "checkpoint": "B"}  # fmt: skip
+
+
+def training_rows(args: argparse.Namespace) -> list[dict]:
+    """One fresh process per configuration (spawned, so CUDA works in it and no memory is shared)."""
+    batch, seq = args.train_shape
+    dtype = resolve_dtype(args.device, args.dtype)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
+    rows = []
+    for run in tqdm(training_runs(args.peers), desc="training", leave=False):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            measured = pool.submit(
+                measure_training, run, args.model, args.train_shape, args.device, args.dtype, args.warmup, args.trials
+            ).result()
+        for metric, values in measured.items():
+            rows.append(
+                row("training", run.what, metric, UNITS[metric], values, FULL, model=args.model,
+                    shape=f"{batch}x{seq}", device=args.device_name, dtype=str(dtype).removeprefix("torch."))
+            )  # fmt: skip
+    return rows
+
+
+# ---- output: markdown tables, results.json, chart ---------------------------------------------------
+
+
+def human(value: float, unit: str) -> str:
+    if unit == "B":
+        for prefix, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if value >= scale:
+                return f"{value / scale:.3g} {prefix}"
+        return f"{value:.0f} B"
+    if unit == "":
+        return f"{value / 1e6:.3g}M" if value >= 1e5 else f"{value:,.0f}"
+    return f"{number(value)} {unit}".replace("tokens/s", "tok/s")
+
+
+def number(value: float) -> str:
+    """1,449.4 / 19.8 / 0.481: four or so significant digits, never an exponent."""
+    return f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def latency_table(rows: list[dict]) -> str:
+    """Models down, shapes across: median [min–max], and the overhead over the reference (with
+    the paper's Table 1 figure where the shape is one of its)."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    names = list(dict.fromkeys(r["what"] for r in rows))
+    cells = {(r["what"], r["shape"]): r for r in rows}
+    lines = ["| | \\|Θ\\| | " + " | ".join(f"{s} (ms)" for s in shapes) + " |", "|---|---:|" + "---:|" * len(shapes)]
+    for name in names:
+        out = []
+        for shape in shapes:
+            r = cells[(name, shape)]
+            cell = f"{number(r['median'])} [{number(r['min'])}–{number(r['max'])}]"
+            if name != r["reference"]:
+                cell += f" {100 * (r['ratio'] - 1):+.1f}%"
+            paper = PAPER_TABLE1.get(tuple(int(n) for n in shape.split("x")), {}).get(name)
+            if paper is not None:
+                cell += f" (paper +{paper}%)"
+            out.append(cell)
+        params = cells[(name, shapes[0])]["params"]
+        lines.append(f"| {name} | {human(params, '')} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def training_table(rows: list[dict]) -> str:
+    """Configurations down, metrics across: each value with its ratio to full fine-tuning."""
+    metrics = list(UNITS)
+    names = list(dict.fromkeys(r["what"] for r in rows))
+    cells = {(r["what"], r["metric"]): r for r in rows}
+    lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name in names:
+        out = [f"{human(cells[name, m]['median'], UNITS[m])} (×{cells[name, m]['ratio']:.3g})" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    lora = f"LoRA r={LORA_RANK} q,v"
+    if (lora, "checkpoint") in cells:
+        memory, checkpoint, speed = (cells[lora, m]["ratio"] for m in ("peak memory", "checkpoint", "tokens/s"))
+        lines.append(
+            f"\n{lora} vs full fine-tuning: peak memory ÷{1 / memory:.3g} (paper, GPT-3 175B: "
+            f"÷{PAPER_TRAINING['peak memory']:.2g}), checkpoint ÷{1 / checkpoint:,.0f} "
+            f"(paper: ÷{PAPER_TRAINING['checkpoint']:,.0f}), tokens/s ×{speed:.3g} (paper: ×{PAPER_TRAINING['tokens/s']})"
+        )
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Every table of `rows`, each with the model, shape(s), device and dtype it was measured on."""
+    formats = {"inference": latency_table, "training": training_table}
+    parts = []
+    for table, format_table in formats.items():
+        table_rows = [r for r in rows if r["table"] == table]
+        if table_rows:
+            r = table_rows[0]
+            shapes = ", ".join(dict.fromkeys(t["shape"] for t in table_rows))
+            parts.append(f"### {table}: {r['model']}, {shapes}, {r['device']}, {r['dtype']}\n\n{format_table(table_rows)}")
+    return "\n\n".join(parts)
+
+
+def chart(rows: list[dict], path: str) -> bool:
+    """Latency overhead per shape, and training ratios to full fine-tuning; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, table, metrics in (
+        (axes[0], "inference", ["latency"]),
+        (axes[1], "training", ["tokens/s", "peak memory"]),
+    ):
+        table_rows = [r for r in rows if r["table"] == table and r["metric"] in metrics and r["what"] != r["reference"]]
+        if not table_rows:  # that table was skipped
+            ax.set_visible(False)
+            continue
+        groups = list(dict.fromkeys(r["shape"] if table == "inference" else r["metric"] for r in table_rows))
+        names = list(dict.fromkeys(r["what"] for r in table_rows))
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = [next((r["ratio"] for r in table_rows if r["what"] == name and g in (r["shape"], r["metric"])), math.nan) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+        ax.set_ylabel(f"ratio to {BASE if table == 'inference' else FULL}")
+        ax.set_title(table)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'1x128,4x256' -> [(1, 128), (4, 256)]."""
+    shapes = []
+    for part in text.split(","):
+        batch, _, seq = part.strip().partition("x")
+        if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+            raise ValueError(f"bad shape '{part}': write batch x sequence length, like 4x256")
+        shapes.append((int(batch), int(seq)))
+    return shapes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Measure the LoRA paper's efficiency claims: adapter vs LoRA inference latency "
+        "(Table 1) and LoRA vs full fine-tuning training memory, speed and checkpoint size (§4.2).",
+        epilog="Defaults depend on the device. CPU: gpt2, shapes 1x128,4x256, training 2x128, 5 trials "
+        "(a few minutes on 2 cores). CUDA: gpt2-medium, the paper's shapes 32x512,16x256,1x128, training "
+        "8x512, 20 trials, bf16 (estimated at 2 to 3 minutes on an H100). Example: python bench.py --peers --out bench-out",
+    )
+    parser.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights, no download), "
+                        "or a folder with config.json + model.safetensors")  # fmt: skip
+    parser.add_argument("--shapes", help="inference shapes, batch x sequence length, comma-separated: 1x128,4x256")
+    parser.add_argument("--train-shape", help="the training batch, batch x sequence length: 2x128")
+    parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed ones before them")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                        "bfloat16, float16: inference casts the weights, training uses autocast")  # fmt: skip
+    parser.add_argument("--peers", action="store_true",
+                        help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA")  # fmt: skip
+    parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
+    parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
+    parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
+    args = parser.parse_args(argv)
+
+    args.device = resolve_device(args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}, but torch sees no CUDA device")
+    defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.model not in PRETRAINED and not os.path.isdir(args.model):
+        raise ValueError(f"unknown model '{args.model}': use one of {', '.join(PRETRAINED)} or a checkpoint folder")
+    if args.trials < 1 or args.warmup < 0:
+        raise ValueError("--trials must be >= 1 and --warmup >= 0")
+    resolve_dtype(args.device, args.dtype)  # refuses an unknown dtype now, not after minutes of work
+    args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
+    args.device_name = describe_device(args.device)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmarks, print the tables, write OUT/results.json; returns its rows."""
+    args = parse_args(argv)
+    rows = []
+    if not args.skip_inference:
+        rows += inference_rows(args)
+    if not args.skip_training:
+        rows += training_rows(args)
+    # Another table is one more function returning rows (with a reference row) and, in markdown(), its format.
+    add_ratios(rows)
+    print(markdown(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with atomic_path(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+                       torch=torch.__version__, rows=rows), f, indent=1)  # fmt: skip
+    drawn = chart(rows, os.path.join(args.out, "bench.png")) if rows else False
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}" + (" and bench.png" if drawn else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"bench.py: error: {e}")

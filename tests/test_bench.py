@@ -1,0 +1,83 @@
+"""bench.py end to end on a tiny model: every table, every row, every number positive and finite."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+from conftest import TINY
+from model import GPT
+
+METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One thread here and in the spawned children: on a shared 2-core machine, tiny ops on two
+    spinning threads wait on each other far longer than they compute."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_writes_every_row(tmp_path, one_thread, capsys):
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "tiny"), "--device", "cpu", "--shapes", "1x8,2x16", "--train-shape", "2x8",
+            "--trials", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    returned = bench.main(argv)
+
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(returned))
+    whats = {t: {r["what"] for r in rows if r["table"] == t} for t in METRICS}
+    assert whats["inference"] == {bench.BASE, "LoRA merged", "LoRA unmerged", "Adapter^H", "Adapter^L"}
+    assert whats["training"] == {run.what for run in bench.training_runs(peers=False)}
+    for table, metrics in METRICS.items():
+        shapes = ["1x8", "2x16"] if table == "inference" else ["2x8"]
+        # one row per model, metric and shape: nothing missing, nothing twice
+        keys = sorted((r["what"], r["metric"], r["shape"]) for r in rows if r["table"] == table)
+        assert keys == sorted((w, m, s) for w in whats[table] for m in metrics for s in shapes)
+    for r in rows:
+        assert {"what", "model", "shape", "device", "dtype", "median", "min", "max", "ratio"} <= set(r)
+        numbers = [v for v in r.values() if isinstance(v, (int, float))]
+        assert all(math.isfinite(v) and v > 0 for v in numbers), r
+        assert r["min"] <= r["median"] <= r["max"]
+        if r["what"] == r["reference"]:
+            assert r["ratio"] == 1.0
+
+    by_key = {(r["what"], r["metric"]): r["median"] for r in rows if r["table"] == "training"}
+    # the adapter file holds A and B only; the full checkpoint holds every weight
+    assert by_key["LoRA r=4 q,v", "checkpoint"] < by_key[bench.FULL, "checkpoint"]
+    assert by_key["LoRA r=4 q,v", "trainable params"] == 2 * TINY.n_layer * 2 * 4 * TINY.n_embd
+    n_params = GPT(TINY).num_parameters()
+    assert by_key[bench.FULL, "trainable params"] == n_params
+    assert by_key[bench.FULL, "optimizer state"] >= 2 * 4 * n_params  # AdamW: two fp32 moments a weight
+    printed = capsys.readouterr().out
+    assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed
+    assert (out / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "4by256"], ["--model", "gpt-5"], ["--dtype", "float8"]])
+def test_bench_refuses_bad_input(argv):
+    with pytest.raises(ValueError):
+        bench.main(["--device", "cpu", *argv])
+
+
+def test_peft_peer_has_our_parameter_count(tmp_path, one_thread):
+    """PEFT's LoRA on the whole fused c_attn (its stand-in for q,v) trains as many parameters as
+    ours at the same rank: one A (r × d) and B (3d × r) against two A (r × d) and B (d × r)."""
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    ours, peft_run = (r for r in bench.training_runs(peers=True) if r.targets == ("q", "v"))
+    measured = {
+        run.library: bench.measure_training(run, str(tmp_path / "tiny"), (2, 8), "cpu", "float32", warmup=0, trials=1)
+        for run in (ours, peft_run)
+    }
+    assert measured["hf"]["trainable params"] == measured["ours"]["trainable params"] == [512]
+    assert 0 < measured["hf"]["checkpoint"][0] < 37_000  # the adapter, not the model
