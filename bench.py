@@ -44,8 +44,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from adapter_layers import add_houlsby_adapters, add_lin_adapters
-from lora import TARGETS, apply_lora, merge_lora, save_adapter
+from lora import TARGETS, add_adapter, apply_lora, lora_layers, merge_lora, save_adapter
 from model import GPT, PRETRAINED, atomic_path, autocast, resolve_device, resolve_dtype
+from sample import generate_with_adapters
 
 LORA_RANK, LORA_ALPHA = 4, 8.0
 
@@ -60,8 +61,9 @@ PAPER_TRAINING = {"peak memory": 1.2e12 / 350e9, "checkpoint": 350e9 / 35e6, "to
 
 # Defaults per device: a CPU run finishes in a few minutes on 2 cores; on a GPU, the paper's shapes.
 DEFAULTS = {
-    "cpu": dict(model="gpt2", shapes="1x128,4x256", train_shape="2x128", trials=5, warmup=1),
-    "cuda": dict(model="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", trials=20, warmup=5),
+    "cpu": dict(model="gpt2", shapes="1x128,4x256", train_shape="2x128", mixed="4x16+16", trials=5, warmup=1),
+    "cuda": dict(model="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20,
+                 warmup=5),
 }
 
 
@@ -309,6 +311,46 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ---- several adapters in one batch: past the limitation the paper names in §4.2 --------------------
+
+MERGED_PER_ADAPTER = "one merged pass per adapter"
+MIXED_TRIALS = 3  # each trial is a whole generation, long enough to average out by itself
+
+
+def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
+    """N adapters × one prompt each, greedy generation (sample.py's path): tokens/s of one unmerged
+    batch in which every row runs its own adapter (lora.adapter_per_row), against serving merged
+    weights one adapter after another, merge and unmerge timed too (they are the cost of
+    switching tasks). Random q,v adapters: the speed does not depend on their values."""
+    n_adapters, prompt_length, new_tokens = args.mixed
+    device, dtype = args.device, resolve_dtype(args.device, args.dtype)
+    torch.manual_seed(0)
+    model = apply_lora(build_model(args.model, device), LORA_RANK, LORA_ALPHA, ("q", "v")).eval()
+    names = [f"adapter{i}" for i in range(n_adapters)]
+    for name in names:
+        with torch.no_grad():
+            for layer in lora_layers(model):
+                for B in layer.lora_B.values():
+                    B.normal_(0, 0.02)
+        add_adapter(model, name)
+    prompts = torch.randint(model.config.vocab_size, (n_adapters, prompt_length)).tolist()
+    merge = {"one mixed batch": False, MERGED_PER_ADAPTER: True}
+    seconds = {what: [] for what in merge}
+    with autocast(device, dtype):
+        for what in merge:  # warm-up
+            generate_with_adapters(model, prompts, names, merge[what], 2, temperature=0)
+        for _ in tqdm(range(MIXED_TRIALS), desc="mixed adapters", leave=False):
+            for what in merge:
+                run = lambda: generate_with_adapters(model, prompts, names, merge[what], new_tokens, temperature=0)  # noqa: E731
+                seconds[what].append(timed(run, device))
+    return [
+        row("mixed adapters", what, "tokens/s", "tokens/s", [n_adapters * new_tokens / s for s in seconds[what]],
+            MERGED_PER_ADAPTER, model=args.model, shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
+            device=args.device_name, dtype=str(dtype).removeprefix("torch."))
+        for what in merge
+    ]  # fmt: skip
+
+
 # ---- output: markdown tables, results.json, chart ---------------------------------------------------
 
 
@@ -371,9 +413,17 @@ def training_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def throughput_table(rows: list[dict]) -> str:
+    """One row a way of serving: tokens/s median [min–max] and its ratio to the reference."""
+    lines = ["| | tokens/s |", "|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {number(r['median'])} [{number(r['min'])}–{number(r['max'])}] (×{r['ratio']:.3g}) |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """Every table of `rows`, each with the model, shape(s), device and dtype it was measured on."""
-    formats = {"inference": latency_table, "training": training_table}
+    formats = {"inference": latency_table, "training": training_table, "mixed adapters": throughput_table}
     parts = []
     for table, format_table in formats.items():
         table_rows = [r for r in rows if r["table"] == table]
@@ -434,6 +484,15 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_mixed(text: str) -> tuple[int, int, int]:
+    """'4x16+16' -> (4 adapters, 16 prompt tokens, 16 new tokens)."""
+    shape, _, new_tokens = text.partition("+")
+    (n_adapters, prompt_length), = parse_shapes(shape)
+    if not new_tokens.isdigit() or int(new_tokens) < 1:
+        raise ValueError(f"bad --mixed '{text}': write adapters x prompt tokens + new tokens, like 4x16+16")
+    return n_adapters, prompt_length, int(new_tokens)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Measure the LoRA paper's efficiency claims: adapter vs LoRA inference latency "
@@ -454,7 +513,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", action="store_true",
                         help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA")  # fmt: skip
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
+    parser.add_argument("--mixed", help="adapters x prompt tokens + new tokens for the mixed-adapter table: 4x16+16")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
+    parser.add_argument("--skip-mixed", action="store_true", help="leave out the mixed-adapter table")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
     args = parser.parse_args(argv)
 
@@ -471,6 +532,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError("--trials must be >= 1 and --warmup >= 0")
     resolve_dtype(args.device, args.dtype)  # refuses an unknown dtype now, not after minutes of work
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
+    args.mixed = parse_mixed(args.mixed)
     args.device_name = describe_device(args.device)
     return args
 
@@ -483,6 +545,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += inference_rows(args)
     if not args.skip_training:
         rows += training_rows(args)
+    if not args.skip_mixed:
+        rows += mixed_adapter_rows(args)
     # Another table is one more function returning rows (with a reference row) and, in markdown(), its format.
     add_ratios(rows)
     print(markdown(rows))

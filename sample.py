@@ -23,7 +23,7 @@ import tiktoken
 import torch
 
 from lora import (
-    adapter_per_row, add_adapter, apply_lora, lora_layers, merge_lora, read_adapter, set_adapter, unmerge_lora,
+    adapter_per_row, add_adapter, merge_lora, read_adapter, set_adapter, unmerge_lora,
 )  # fmt: skip
 from model import GPT, GPTConfig, autocast, resolve_device, resolve_dtype
 
@@ -201,37 +201,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 # ---- a benchmark for bench.py: many tasks at once, mixed batch against merging per task -------------
-
-
-def benchmark_mixed_adapters(
-    model: GPT, n_adapters: int, prompt_length: int = 16, max_new_tokens: int = 128, rank: int = 4,
-    device: str = "cpu", dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
-    """N adapters × 1 prompt each, greedy: tokens/s of one mixed batch (unmerged, every row its own
-    adapter) against one pass per adapter with that adapter merged (merge and unmerge included: they
-    are the cost of switching tasks). `model` is a base without LoRA, on `device`; it gets N random
-    q,v adapters of the given rank (speed does not depend on their values)."""
-    apply_lora(model, rank=rank)
-    for i in range(n_adapters):
-        with torch.no_grad():
-            for layer in lora_layers(model):
-                for B in layer.lora_B.values():
-                    B.normal_(0, 0.02)
-        add_adapter(model, f"adapter{i}")
-    model.eval()
-    names = [f"adapter{i}" for i in range(n_adapters)]
-    prompts = torch.randint(0, model.config.vocab_size, (n_adapters, prompt_length)).tolist()
-    tokens_per_s = {}
-    for merge in (False, True):
-        with autocast(device, dtype):
-            generate_with_adapters(model, prompts, names, merge, 2, temperature=0)  # warm-up
-            synchronize(device)
-            start = time.perf_counter()
-            generate_with_adapters(model, prompts, names, merge, max_new_tokens, temperature=0)
-            synchronize(device)
-        key = "merged_per_adapter" if merge else "mixed_batch"
-        tokens_per_s[key] = n_adapters * max_new_tokens / (time.perf_counter() - start)
-    return tokens_per_s
 
 
 if __name__ == "__main__":

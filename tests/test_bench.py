@@ -10,7 +10,7 @@ import bench
 from conftest import TINY
 from model import GPT
 
-METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
+METRICS = {"inference": {"latency"}, "training": set(bench.UNITS), "mixed adapters": {"tokens/s"}}
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     out = tmp_path / "out"
     argv = ["--model", str(tmp_path / "tiny"), "--device", "cpu", "--shapes", "1x8,2x16", "--train-shape", "2x8",
-            "--trials", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+            "--mixed", "3x4+3", "--trials", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
     returned = bench.main(argv)
 
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -37,8 +37,9 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     whats = {t: {r["what"] for r in rows if r["table"] == t} for t in METRICS}
     assert whats["inference"] == {bench.BASE, "LoRA merged", "LoRA unmerged", "Adapter^H", "Adapter^L"}
     assert whats["training"] == {run.what for run in bench.training_runs(peers=False)}
+    assert whats["mixed adapters"] == {"one mixed batch", bench.MERGED_PER_ADAPTER}
     for table, metrics in METRICS.items():
-        shapes = ["1x8", "2x16"] if table == "inference" else ["2x8"]
+        shapes = {"inference": ["1x8", "2x16"], "training": ["2x8"], "mixed adapters": ["3x4+3"]}[table]
         # one row per model, metric and shape: nothing missing, nothing twice
         keys = sorted((r["what"], r["metric"], r["shape"]) for r in rows if r["table"] == table)
         assert keys == sorted((w, m, s) for w in whats[table] for m in metrics for s in shapes)
@@ -58,11 +59,13 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     assert by_key[bench.FULL, "trainable params"] == n_params
     assert by_key[bench.FULL, "optimizer state"] >= 2 * 4 * n_params  # AdamW: two fp32 moments a weight
     printed = capsys.readouterr().out
-    assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed
+    assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed and "| one mixed batch |" in printed
     assert (out / "bench.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "4by256"], ["--model", "gpt-5"], ["--dtype", "float8"]])
+@pytest.mark.parametrize(
+    "argv", [["--shapes", "4by256"], ["--model", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"]]
+)
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):
         bench.main(["--device", "cpu", *argv])

@@ -110,13 +110,3 @@ def test_bad_input_is_one_clear_error(runs, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert str(exit_info.value).startswith("sample.py: error: ") and message in str(exit_info.value)
-
-
-def test_benchmark_of_mixed_batches_against_merging_per_adapter():
-    from sample import benchmark_mixed_adapters
-
-    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16))
-    result = benchmark_mixed_adapters(model, n_adapters=3, prompt_length=4, max_new_tokens=4, rank=2)
-    assert set(result) == {"mixed_batch", "merged_per_adapter"} and all(v > 0 for v in result.values())
-    assert model.adapter_names == ["adapter0", "adapter1", "adapter2"]
-    assert not any(layer.merged for layer in lora_layers(model))  # left unmerged
