@@ -78,10 +78,18 @@ class LoRALinear(nn.Linear):
         x = self.lora_dropout(x)
         if self.adapter_index is not None:
             return self._add_per_row_updates(out, x)
-        for name, rows in self.parts.items():
-            # (α/r)·B·(A·x) in the low-rank order: (…, d_in) -> (…, r) -> (…, d_rows). The
-            # d_out × d_in matrix B·A is never built on this path.
-            out[..., rows] += (x @ self.lora_A[name].t() @ self.lora_B[name].t()) * self.scaling
+        # (α/r)·B·(A·x) in the low-rank order: (…, d_in) -> (…, r) -> (…, d_rows); the d_out × d_in
+        # matrix B·A is never built on this path. One matmul gives A·x for every part (their A's
+        # stacked), then each part's B adds into its rows of `out` in place, α/r included (addmm_'s
+        # alpha): a few small kernels, and no extra pass over the large output. The explicit casts
+        # give everything out's dtype (bf16 under autocast), which the in-place addmm_ needs.
+        A = torch.cat([self.lora_A[name] for name in self.parts])  # (n_parts·r, d_in); parts' order, not the dict's
+        x_A = x.to(out.dtype) @ A.to(out.dtype).t()  # (…, n_parts·r)
+        out_2d, x_A_2d = out.view(-1, self.out_features), x_A.view(-1, x_A.size(-1))
+        rank = x_A.size(-1) // len(self.parts)
+        for i, (name, rows) in enumerate(self.parts.items()):
+            B = self.lora_B[name].to(out.dtype)
+            out_2d[:, rows].addmm_(x_A_2d[:, i * rank : (i + 1) * rank], B.t(), alpha=self.scaling)
         return out
 
     def _add_per_row_updates(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
