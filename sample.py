@@ -200,8 +200,5 @@ def run(args: argparse.Namespace) -> None:
           f"row{'s' * (len(rows) > 1)}, {how}, {cache}, {device}, {str(dtype).removeprefix('torch.')})")  # fmt: skip
 
 
-# ---- a benchmark for bench.py: many tasks at once, mixed batch against merging per task -------------
-
-
 if __name__ == "__main__":
     main()
