@@ -35,7 +35,6 @@ import re
 import sys
 
 import torch
-from safetensors import SafetensorError
 
 from lora import TARGETS, LoRALinear, load_adapter, parse_targets, read_adapter
 from model import GPT, atomic_path
@@ -116,20 +115,12 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
     return corner_sums / torch.minimum(i[:, None], j[None, :])
 
 
-def read_adapter_file(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """lora.read_adapter, with the file named when it is not a safetensors file at all."""
-    try:
-        return read_adapter(path)
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not an adapter file ({e})") from None
-
-
 def similarity(
     path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "all"
 ) -> tuple[list[dict], list[dict]]:
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
-    (tensors1, meta1), (tensors2, meta2) = read_adapter_file(path1), read_adapter_file(path2)
+    (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
     if meta1["base_config"] != meta2["base_config"]:
         raise ValueError(f"{path1} and {path2} adapt bases of different shapes: nothing to compare")
     matrices1, matrices2 = adapted_matrices(tensors1), adapted_matrices(tensors2)
@@ -211,7 +202,7 @@ def weights_and_updates(model: GPT) -> dict[tuple[int, str], tuple[torch.Tensor,
 def amplification_tables(paths: list[str], base: str | None, layers: str, targets: str, seed: int) -> list[dict]:
     """Table 7's numbers for each adapter and each requested (layer, matrix), W from `base` (default:
     the base recorded in the adapters)."""
-    metadata = [read_adapter_file(path)[1] for path in paths]  # each file checked before the base loads
+    metadata = [read_adapter(path)[1] for path in paths]  # each file checked before the base loads
     base = base or metadata[0]["base"]
     results = []
     for path in paths:
@@ -284,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         "(Fig. 3/4) and how ΔW relates to W (Table 7).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python analysis.py similarity out-r8/adapter.safetensors out-r64/adapter.safetensors\n"
-        "  python analysis.py amplification out-r8/adapter.safetensors out-r64/adapter.safetensors",
+        "  python analysis.py similarity out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors\n"
+        "  python analysis.py amplification out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

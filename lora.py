@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import GPT, atomic_path, config_dict
@@ -252,9 +252,20 @@ def save_adapter(model: GPT, path: str) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
+@contextmanager
+def open_safetensors(path: str) -> Iterator:
+    """safetensors' safe_open, with a file that is not safetensors at all reported as a ValueError
+    naming it (safetensors raises its own exception type, which callers would not expect)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of an adapter file; metadata's JSON fields decoded."""
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         raw_metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "lora_config" not in raw_metadata:

@@ -41,10 +41,11 @@ import sys
 from dataclasses import asdict
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lora import TARGETS, LoRAConfig, apply_lora, lora_state_dict, read_adapter, save_adapter, unwrap
+from lora import (
+    TARGETS, LoRAConfig, apply_lora, lora_state_dict, open_safetensors, read_adapter, save_adapter, unwrap,
+)  # fmt: skip
 from model import GPT, PRETRAINED, atomic_path
 
 PEFT_PREFIX = "base_model.model."
@@ -126,7 +127,7 @@ def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tens
     if unsupported or peft_config.get("bias", "none") != "none":
         what = ", ".join(unsupported) or "trained biases"
         raise ValueError(f"{folder} uses {what}: not plain LoRA, lora.py has no equivalent")
-    with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
+    with open_safetensors(os.path.join(folder, WEIGHTS_FILE)) as f:
         ours = (f.metadata() or {}).get("lora_py_config")
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         for key in f.keys():
@@ -248,9 +249,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"base {model.name_or_path}")  # fmt: skip
     except (ValueError, OSError) as e:
         sys.exit(f"peft_interop.py: error: {e}")
-    except SafetensorError as e:
-        path = args.adapter if args.command == "export" else os.path.join(args.folder, WEIGHTS_FILE)
-        sys.exit(f"peft_interop.py: error: {path} is not a safetensors file ({e})")
 
 
 if __name__ == "__main__":

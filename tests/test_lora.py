@@ -148,6 +148,13 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
         load_adapter(other_targets, path)
 
 
+def test_a_file_that_is_not_safetensors_is_a_clear_error(tiny_model, tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    path.write_text("not an adapter")
+    with pytest.raises(ValueError, match="adapter.safetensors is not a safetensors file"):
+        load_adapter(tiny_model, str(path))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(rank=0), "rank must be an integer >= 1"),
     (dict(rank=4, targets=("q", "wq")), "unknown LoRA target"),

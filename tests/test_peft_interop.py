@@ -131,6 +131,12 @@ def test_command_line_and_clear_errors(hf_folder, tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="peft_interop.py: error: .*adapter_config.json"):
         main(["import", str(tmp_path), "--base", hf_folder, "--out", str(tmp_path / "x.safetensors")])
+    weights_path = tmp_path / "peft" / "adapter_model.safetensors"
+    weights = weights_path.read_bytes()
+    weights_path.write_text("not safetensors")
+    with pytest.raises(SystemExit, match="peft_interop.py: error: .*adapter_model.safetensors is not a safetensors file"):
+        main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "x.safetensors")])
+    weights_path.write_bytes(weights)
     config_path = tmp_path / "peft" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "use_dora": True}))

@@ -104,6 +104,7 @@ def test_a_rank_0_run_is_the_model_itself(runs, capsys):
       "--prompt", "2", "--prompt", "3"], "3 prompts for 2 adapters"),
     (["--adapter", "run_a/adapter.safetensors", "--init-from", "other"], "another base"),
     (["--adapter", "missing.safetensors"], "No such file"),
+    (["--adapter", "base/config.json"], "base/config.json is not a safetensors file"),
 ])  # fmt: skip
 def test_bad_input_is_one_clear_error(runs, capsys, argv, message):
     GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained("other")
