@@ -215,7 +215,7 @@ def our_setup(run: TrainingRun, source: str, device: str):
             save_adapter(model, os.path.join(folder, "adapter.safetensors"))
     else:
         save = model.save_pretrained
-    return model, lambda x: model(x, x)[1], save
+    return model, lambda x: model(x, x)[1], save  # targets = inputs: only the loss's cost matters here
 
 
 def peer_setup(run: TrainingRun, source: str, device: str):

@@ -40,11 +40,14 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, past + T, hs): the cached tokens, then these T
         past = k.size(2) - T
-        # Without a past, the usual causal mask. With one (generation), new token i sits at
-        # position past + i and sees keys 0 .. past + i: the causal mask shifted right by `past`.
-        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        # Without a past, the usual causal mask. After a past, new token i sits at position
+        # past + i and sees keys 0 .. past + i: the causal mask shifted right by `past`, which for
+        # the one new token of a generation step is no mask at all (it sees every key).
+        mask = None
+        if past > 0 and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=past == 0, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
