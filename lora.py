@@ -232,10 +232,24 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unwrap(model).state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def base_fingerprint(model: GPT) -> list[float]:
-    """A few frozen weights of the base (the first token's embedding) that tell two bases of the
-    same shape apart, compared with a tolerance so a bf16 copy of the base still matches."""
-    return unwrap(model).transformer.wte.weight[0, :8].float().tolist()
+def base_fingerprint(model: GPT) -> dict[str, list[float]]:
+    """A strided sample of 8 values of every frozen base tensor (W0 for the adapted ones), enough to
+    tell two bases of the same shape apart, even when only one block differs. It is compared with a
+    tolerance (`same_base`), so a bf16 copy of the base still matches."""
+    raw = unwrap(model)
+    with _unmerged(raw), torch.no_grad():
+        return {
+            name: tensor.flatten()[:: max(1, tensor.numel() // 8)][:8].float().tolist()
+            for name, tensor in raw.state_dict().items()
+            if ".lora_" not in name and ".bank_" not in name and name != "lm_head.weight"  # lm_head: tied to wte
+        }
+
+
+def same_base(fingerprint: dict[str, list[float]], other: dict[str, list[float]]) -> bool:
+    """Whether two base fingerprints come from the same weights (to bf16 rounding)."""
+    return fingerprint.keys() == other.keys() and all(
+        torch.allclose(torch.tensor(fingerprint[k]), torch.tensor(other[k]), rtol=1e-2, atol=1e-3) for k in fingerprint
+    )
 
 
 def save_adapter(model: GPT, path: str) -> None:
@@ -295,9 +309,7 @@ def _fit_adapter(raw: GPT, path: str, tensors: dict[str, torch.Tensor], metadata
     diff = [f"{k} {want.get(k)} (adapter) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
     if diff:
         raise ValueError(f"{path} was trained on another base ({metadata['base']}): {', '.join(diff)}")
-    if not torch.allclose(
-        torch.tensor(metadata["base_fingerprint"]), torch.tensor(base_fingerprint(raw)), rtol=1e-2, atol=1e-3
-    ):
+    if not same_base(metadata["base_fingerprint"], base_fingerprint(raw)):
         raise ValueError(
             f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's "
             f"('{raw.name_or_path}'): load the base it was trained on"
@@ -358,8 +370,9 @@ def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
     for module_name, layer in _named_lora_layers(raw):
         for bank, kind in ((layer.bank_A, "lora_A"), (layer.bank_B, "lora_B")):
             for part in layer.parts:
+                # a copy, never a view: the bank must not change when the active adapter trains or loads
                 new = tensors[f"{module_name}.{kind}.{part}"].detach().to(layer.weight.device, layer.weight.dtype)
-                stacked = torch.cat([bank[part], new[None]]) if part in bank else new[None]
+                stacked = torch.cat([bank[part], new[None]]) if part in bank else new[None].clone()
                 bank[part] = nn.Parameter(stacked, requires_grad=False)  # frozen unless you train the bank
     raw.adapter_names.append(name)
 

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+import pickle
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_adapter, parameter_summary, parse_targets, save_adapter
+from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, parameter_summary, parse_targets, save_adapter
 from model import GPT, GPTConfig, atomic_path, autocast, resolve_device, resolve_dtype
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
@@ -45,11 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lora = parser.add_argument_group("LoRA (paper §4)")
     lora.add_argument("--rank", type=int, default=4,
                       help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)")
-    lora.add_argument("--alpha", type=float, default=8.0,
-                      help="α: the update is scaled by α/r, so α need not change with r")
-    lora.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                      help="weights to adapt, from q,k,v,o,mlp (§4.2: q,v does best on a budget)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    lora.add_argument("--alpha", type=float, default=None,
+                      help="α (default 8): the update is scaled by α/r, so α need not change with r")
+    lora.add_argument("--targets", default=None,
+                      help=f"weights to adapt, from q,k,v,o,mlp (default {','.join(DEFAULT_TARGETS)}; §4.2: q,v does "
+                      "best on a budget)")  # fmt: skip
+    lora.add_argument("--lora-dropout", type=float, default=None,
+                      help="dropout on the LoRA branch's input (default 0)")
     model = parser.add_argument_group("model and data")
     model.add_argument("--init-from", default="gpt2",
                        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder written by a --rank 0 "
@@ -59,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--n-embd", type=int, default=384, help="with --init-from scratch: width")
     model.add_argument("--data", default=DEFAULT_DATA,
                        help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)")
-    model.add_argument("--out", default="out", help="where the adapter (or model), log.jsonl and train_state.pt go")
+    model.add_argument("--out", default="out",
+                       help="the run's folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
+                       "holds another run is refused unless --resume continues it or --overwrite replaces it")
     loop = parser.add_argument_group("optimisation")
     loop.add_argument("--max-iters", type=int, default=1000, help="optimizer steps")
     loop.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
@@ -76,7 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="evaluate and write a checkpoint every this many steps")
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
     loop.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
-    loop.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    loop.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its last checkpoint (train_state.pt: the trained weights, "
+                      "optimizer, step and random states)")
+    loop.add_argument("--overwrite", action="store_true",
+                      help="replace the run in --out: its files are deleted once every input has been checked")
     system = parser.add_argument_group("hardware")
     system.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     system.add_argument("--dtype", default="auto",
@@ -85,6 +94,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     system.add_argument("--compile", action="store_true",
                         help="torch.compile the model (faster on GPU after a warm-up)")
     args = parser.parse_args(argv)
+    given = [flag for flag, value in (("--alpha", args.alpha), ("--targets", args.targets),
+                                      ("--lora-dropout", args.lora_dropout)) if value is not None]  # fmt: skip
+    if args.rank == 0 and given:
+        parser.error(f"{', '.join(given)} configure LoRA, but --rank 0 trains every weight without it: drop them")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out, --overwrite replaces it: choose one")
+    args.alpha = 8.0 if args.alpha is None else args.alpha
+    args.targets = ",".join(DEFAULT_TARGETS) if args.targets is None else args.targets
+    args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
     if args.lr is None:
         args.lr = 1e-4 if args.rank == 0 and args.init_from != "scratch" else 1e-3
     return args
@@ -101,17 +119,36 @@ class Split:
 
 
 def load_split(folder: str, split: str, block_size: int, eot_token: int) -> Split:
-    tokens = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    """A split's tokens (and loss mask), checked: a file of the wrong size, or pairs whose windows
+    would hold no target token (a loss over nothing), are errors naming the file."""
+    path = os.path.join(folder, f"{split}.bin")
+    if os.path.getsize(path) % 2:
+        raise ValueError(f"{path} has an odd number of bytes: not uint16 token ids written by prepare_data.py")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if len(tokens) <= block_size:
-        raise ValueError(f"{folder}/{split}.bin has {len(tokens)} tokens, too few for --block-size {block_size}")
+        raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
     mask_path = os.path.join(folder, f"{split}_mask.bin")
     if not os.path.exists(mask_path):
         return Split(tokens, None, None)
     mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+    if len(mask) != len(tokens):
+        raise ValueError(f"{mask_path} has {len(mask)} entries for the {len(tokens)} tokens of {path}")
     # every example ends with <|endoftext|>: windows start on an example's first token, so a target
     # is never seen without its context; a window runs on into the next examples (packing)
     starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
-    return Split(tokens, mask, starts[starts + block_size < len(tokens)])
+    targets = np.flatnonzero(np.asarray(mask))
+    if len(targets) == 0:
+        raise ValueError(f"{mask_path} marks no target token")
+    # y covers tokens start+1 .. start+block_size: keep the windows whose example's target begins there
+    first_target = targets[np.minimum(np.searchsorted(targets, starts), len(targets) - 1)]
+    reaches = (first_target > starts) & (first_target - starts <= block_size) & (starts + block_size < len(tokens))
+    if not reaches.any():
+        raise ValueError(
+            f"no window of --block-size {block_size} in {path} reaches a target token: the shortest context is "
+            f"{int((first_target - starts).min())} tokens; use --block-size {int(np.diff(starts).max())} or more "
+            "to see whole examples"
+        )
+    return Split(tokens, mask, starts[reaches])
 
 
 def get_batch(
@@ -139,8 +176,23 @@ def open_data(folder: str) -> dict:
             raise FileNotFoundError(
                 f"{folder} is not a data folder (no {name}): make one with prepare_data.py --input FILE"
             )
-    with open(os.path.join(folder, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): remake the folder with prepare_data.py") from None
+    missing = [key for key in ("vocab_size", "eot_token") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"{path} has no '{missing[0]}': remake the folder with prepare_data.py")
+    return meta
+
+
+def check_token_ids(split: Split, folder: str, name: str, vocab_size: int) -> None:
+    """Token ids must index the model's embedding; found here, not as an index error at step 0."""
+    largest = int(split.tokens.max())
+    if largest >= vocab_size:
+        raise ValueError(f"{folder}/{name}.bin holds token id {largest}, beyond the model's vocabulary of {vocab_size}")
 
 
 # ---- the loss: summed over target tokens, divided by their count over the whole step -------------
@@ -190,7 +242,9 @@ def evaluate(model: torch.nn.Module, split: Split, args: argparse.Namespace, pre
         loss_sum += summed_loss(logits, y).item()
         n_targets += int((y != -1).sum())
     model.train()
-    return loss_sum / max(n_targets, 1)
+    if n_targets == 0:
+        raise ValueError("the validation batches hold no target token: a loss over nothing is not 0")
+    return loss_sum / n_targets
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -201,7 +255,32 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr / 10 + 0.5 * (args.lr - args.lr / 10) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
+# ---- the run folder and its checkpoints ---------------------------------------------------------
+#
+# A checkpoint is train_state.pt alone: the trained weights (the LoRA tensors, or every weight for
+# --rank 0), the optimizer, the step and the random states, written atomically as one file, so
+# --resume never pairs weights of one step with an optimizer of another. The adapter (or model)
+# beside it is the run's product, written after it; a crash in between leaves the product one
+# checkpoint behind, never half written.
+
+RUN_FILES = ("adapter.safetensors", "config.json", "model.safetensors", "train_state.pt", "log.jsonl")
+
+
+def check_out_folder(out: str, resume: bool, overwrite: bool) -> list[str]:
+    """The rule for --out: a new run needs a folder without another run's files, unless --overwrite
+    (those files are then returned, to delete once every input is checked); --resume needs one."""
+    state_path = os.path.join(out, "train_state.pt")
+    if resume:
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"nothing to resume: no {state_path}")
+        return []
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} holds another run ({', '.join(existing)}): --resume continues it, --overwrite replaces it, "
+            "or choose another --out"
+        )
+    return existing
 
 
 def rng_state(generator: torch.Generator, device: str) -> dict:
@@ -211,26 +290,50 @@ def rng_state(generator: torch.Generator, device: str) -> dict:
     return state
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """What must not change between a run and its --resume."""
+    lora = asdict(LoRAConfig(args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)) if args.rank else None
+    scratch = [args.n_layer, args.n_head, args.n_embd, args.block_size] if args.init_from == "scratch" else None
+    return dict(init_from=args.init_from, scratch_shape=scratch, lora=lora)
+
+
 def save_checkpoint(
     args: argparse.Namespace, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     step: int, rng_states: list[dict],
 ) -> None:  # fmt: skip
-    """The trained weights (the adapter alone for LoRA), then the state --resume needs. Atomic."""
+    """train_state.pt (the checkpoint, one atomic file), then the adapter or model (the product)."""
+    trained = {name: p.detach() for name, p in raw_model.named_parameters() if p.requires_grad}
+    state = dict(step=step, trained=trained, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 rng=rng_states, settings=run_settings(args))  # fmt: skip
+    with atomic_path(os.path.join(args.out, "train_state.pt")) as tmp:
+        torch.save(state, tmp)
     if args.rank > 0:
         save_adapter(raw_model, os.path.join(args.out, "adapter.safetensors"))
     else:
         raw_model.save_pretrained(args.out)
-    state = dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states)
-    with atomic_path(os.path.join(args.out, "train_state.pt")) as tmp:
-        torch.save(state, tmp)
+
+
+def read_train_state(path: str, args: argparse.Namespace) -> dict:
+    """train_state.pt, refusing anything that is not a whole state written by this script for these settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects, not only tensors: it is not a state written by train.py, "
+                         "and it is refused") from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+    keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
+    if not isinstance(state, dict) or any(key not in state for key in keys):
+        raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
+    if state["settings"] != run_settings(args):
+        raise ValueError(f"{path} was written by a run with {state['settings']}; resume it with the same "
+                         "--init-from, --rank, --alpha, --targets and --lora-dropout")  # fmt: skip
+    return state
 
 
 def build_model(args: argparse.Namespace, meta: dict) -> GPT:
-    """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it. On --resume the
-    weights trained so far come from --out instead."""
-    if args.resume and args.rank == 0:
-        model = GPT.from_pretrained(args.out)
-    elif args.init_from == "scratch":
+    """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it (which freezes the base)."""
+    if args.init_from == "scratch":
         model = GPT(GPTConfig(block_size=args.block_size, vocab_size=meta["vocab_size"],
                               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))  # fmt: skip
     else:
@@ -242,8 +345,6 @@ def build_model(args: argparse.Namespace, meta: dict) -> GPT:
         )
     if args.rank > 0:
         apply_lora(model, args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)  # freezes the base
-        if args.resume:
-            load_adapter(model, os.path.join(args.out, "adapter.safetensors"))
     return model
 
 
@@ -256,9 +357,7 @@ def train(args: argparse.Namespace) -> GPT:
     if min(args.max_iters, args.batch_size, args.block_size, args.grad_accum, args.eval_interval, args.eval_iters) < 1:
         raise ValueError("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters "
                          "must be >= 1")
-    state_path = os.path.join(args.out, "train_state.pt")
-    if args.resume and not os.path.isfile(state_path):
-        raise FileNotFoundError(f"nothing to resume: no {state_path}")
+    replaced = check_out_folder(args.out, args.resume, args.overwrite)
 
     # -- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; each process drives one device
     device = resolve_device(args.device)
@@ -287,6 +386,8 @@ def train(args: argparse.Namespace) -> GPT:
     # -- model: base, LoRA (freezes the base), device
     torch.manual_seed(args.seed)
     raw_model = build_model(args, meta).to(device)
+    for split, name in ((train_split, "train"), (val_split, "val")):
+        check_token_ids(split, args.data, name, raw_model.config.vocab_size)
     if is_main:
         print(f"{args.init_from} + {f'LoRA r={args.rank} on {args.targets}' if args.rank else 'full fine-tuning'}: "
               f"{parameter_summary(raw_model)}")  # fmt: skip
@@ -305,9 +406,16 @@ def train(args: argparse.Namespace) -> GPT:
     torch.manual_seed(args.seed + process_rank)  # dropout masks differ across processes too
     start_step = 0
     if args.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state_path = os.path.join(args.out, "train_state.pt")
+        state = read_train_state(state_path, args)
         if len(state["rng"]) != world_size:
             raise ValueError(f"{state_path} was written by {len(state['rng'])} processes; resume with as many")
+        trainable_by_name = {name: p for name, p in raw_model.named_parameters() if p.requires_grad}
+        if state["trained"].keys() != trainable_by_name.keys():
+            raise ValueError(f"{state_path} holds other trained weights than this model's")
+        with torch.no_grad():
+            for name, p in trainable_by_name.items():
+                p.copy_(state["trained"][name])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
@@ -324,10 +432,16 @@ def train(args: argparse.Namespace) -> GPT:
     # -- the loop
     log_path = os.path.join(args.out, "log.jsonl")
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    if is_main:
+    if is_main:  # every input is checked: from here on the run folder is written
         os.makedirs(args.out, exist_ok=True)
-        if not args.resume:
-            open(log_path, "w").close()
+        for name in replaced:  # --overwrite: the other run goes whole, before this one writes anything
+            os.remove(os.path.join(args.out, name))
+        keep = []  # on --resume, the log's records up to the checkpoint (a crash may have logged more)
+        if args.resume and os.path.exists(log_path):
+            with open(log_path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with atomic_path(log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
 
     def log(record: dict) -> None:
         with open(log_path, "a") as f:
@@ -339,38 +453,47 @@ def train(args: argparse.Namespace) -> GPT:
     started, training_seconds = time.time(), 0.0  # the second leaves out evaluation and checkpoints
     bar = tqdm(range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters,
                disable=not is_main)
-    for step in bar:
-        step_started = time.time()
-        lr = learning_rate(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches = [get_batch(train_split, args.batch_size, args.block_size, batch_generator, device)
-                   for _ in range(args.grad_accum)]  # fmt: skip
-        train_loss = forward_backward(model, batches, precision, scaler)
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # for an honest tokens/s
-        training_seconds += time.time() - step_started
-        tokens_per_s = tokens_per_step * (step + 1 - start_step) / training_seconds  # mean over this run
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
+    saved_step = start_step if args.resume else None
+    try:
+        for step in bar:
+            step_started = time.time()
+            lr = learning_rate(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [get_batch(train_split, args.batch_size, args.block_size, batch_generator, device)
+                       for _ in range(args.grad_accum)]  # fmt: skip
+            train_loss = forward_backward(model, batches, precision, scaler)
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # for an honest tokens/s
+            training_seconds += time.time() - step_started
+            tokens_per_s = tokens_per_step * (step + 1 - start_step) / training_seconds  # mean over this run
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
 
-        done = step + 1
-        if done % args.eval_interval == 0 or done == args.max_iters:
-            states = [rng_state(batch_generator, device)]
-            if distributed:
-                states = [None] * world_size
-                dist.all_gather_object(states, rng_state(batch_generator, device))
-            if is_main:
-                val_loss = evaluate(compiled, val_split, args, precision, device)  # the main process's alone
-                bar.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-                log(dict(step=done, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_per_s=round(tokens_per_s),
-                         elapsed_s=round(time.time() - started, 1)))  # fmt: skip
-                save_checkpoint(args, raw_model, optimizer, scaler, done, states)
+            done = step + 1
+            if done % args.eval_interval == 0 or done == args.max_iters:
+                states = [rng_state(batch_generator, device)]
+                if distributed:
+                    states = [None] * world_size
+                    dist.all_gather_object(states, rng_state(batch_generator, device))
+                if is_main:
+                    val_loss = evaluate(compiled, val_split, args, precision, device)  # the main process's alone
+                    bar.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                    log(dict(step=done, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_per_s=round(tokens_per_s),
+                             elapsed_s=round(time.time() - started, 1)))  # fmt: skip
+                    save_checkpoint(args, raw_model, optimizer, scaler, done, states)
+                    saved_step = done
+    except KeyboardInterrupt:
+        bar.close()
+        where = (f"the last checkpoint is step {saved_step} in {args.out}: --resume continues from it"
+                 if saved_step is not None else "no checkpoint was written yet")  # fmt: skip
+        print(f"train.py: interrupted at step {step}; {where}", file=sys.stderr)
+        raise SystemExit(130) from None
     bar.close()
 
     if is_main and start_step < args.max_iters:

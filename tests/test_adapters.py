@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import TINY
 from lora import (
-    adapter_per_row, add_adapter, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, set_adapter,
-    unmerge_lora,
+    adapter_per_row, add_adapter, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora, read_adapter,
+    save_adapter, set_adapter, unmerge_lora,
 )  # fmt: skip
 from model import GPT
 
@@ -102,7 +103,26 @@ def test_mixed_batch_generation_equals_merged_generation_per_adapter(two_adapter
         unmerge_lora(base)
 
 
-def test_mixed_batch_training_reaches_only_the_adapters_used(tiny_model):
+def test_a_banked_adapter_is_a_copy_that_later_loads_and_training_leave_alone(two_adapter_files, tmp_path):
+    base, (a, b) = two_adapter_files
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    load_adapter(base, a)
+    add_adapter(base, "e2e")  # a copy of the active adapter, as after training
+    load_adapter(base, b)  # the active adapter changes: the banked copy must not
+    add_adapter(base, "shk")
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))
+    with torch.no_grad(), adapter_per_row(base, ["e2e", "shk"]):
+        mixed, _ = base(idx)
+    for row, path in enumerate((a, b)):
+        alone, _ = fresh_merged(W0, path)(idx[row : row + 1])
+        assert (mixed[row] - alone[0]).abs().max() <= 1e-5, path
+    set_adapter(base, "e2e")
+    expected, _ = read_adapter(a)
+    for key, tensor in lora_state_dict(base).items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alone(tiny_model):
     apply_lora(tiny_model, rank=2, alpha=4, targets=("q", "v"))
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_adapter(tiny_model, seed)
@@ -111,12 +131,21 @@ def test_mixed_batch_training_reaches_only_the_adapters_used(tiny_model):
     for p in banks:
         p.requires_grad_(True)
     idx = torch.randint(0, TINY.vocab_size, (3, 8))
-    with adapter_per_row(tiny_model, ["c", None, "a"]):
-        _, loss = tiny_model(idx, idx)
-    loss.backward()
-    for p in banks:
-        assert p.grad[0].abs().sum() > 0 and p.grad[2].abs().sum() > 0  # a and c
-        assert torch.equal(p.grad[1], torch.zeros_like(p.grad[1]))  # b, not in the batch
+
+    def bank_gradients(rows: list[int], names: list[str | None]) -> list[torch.Tensor]:
+        for p in banks:
+            p.grad = None
+        with adapter_per_row(tiny_model, names):
+            logits, _ = tiny_model(idx[rows])
+        F.cross_entropy(logits.flatten(0, 1), idx[rows].flatten(), reduction="sum").backward()
+        return [p.grad.clone() for p in banks]
+
+    mixed = bank_gradients([0, 1, 2], ["c", None, "a"])
+    row_c, row_a = bank_gradients([0], ["c"]), bank_gradients([2], ["a"])
+    for grad, grad_c, grad_a in zip(mixed, row_c, row_a):
+        assert (grad[2] - grad_c[2]).abs().max() <= 1e-5 and grad_c[2].abs().max() > 0  # c: row 0's alone
+        assert (grad[0] - grad_a[0]).abs().max() <= 1e-5 and grad_a[0].abs().max() > 0  # a: row 2's alone
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))  # b, not in the batch
     assert all(layer.lora_A["q"].grad is None for layer in lora_layers(tiny_model))  # nor the active one
     assert tiny_model.transformer.wte.weight.grad is None
 

@@ -142,6 +142,19 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
     same_shape_other_weights = GPT(TINY)
     with pytest.raises(ValueError, match="weights differ"):
         load_adapter(same_shape_other_weights, path)
+    for name in ("transformer.h.1.mlp.c_fc.weight", "transformer.h.0.attn.c_attn.weight", "transformer.ln_f.bias"):
+        one_tensor_differs = GPT(TINY)
+        one_tensor_differs.load_state_dict(tiny_model.state_dict(), strict=False)
+        with torch.no_grad():
+            one_tensor_differs.get_parameter(name).add_(0.05)  # the last block, W0 itself, a LayerNorm
+        with pytest.raises(ValueError, match="weights differ"):
+            load_adapter(one_tensor_differs, path)
+    bf16_copy = GPT(TINY)
+    bf16_copy.load_state_dict(tiny_model.state_dict(), strict=False)
+    load_adapter(bf16_copy.to(torch.bfloat16), path)  # the same base in bf16 is the same base
+    merge_lora(tiny_model)
+    save_adapter(tiny_model, path)  # a merged model fingerprints its W0, not W0 + ΔW
+    load_adapter(bf16_copy.float(), path)
     other_targets = apply_lora(GPT(TINY), rank=2, targets=("q", "k"))
     other_targets.load_state_dict(tiny_model.state_dict(), strict=False)
     with pytest.raises(ValueError, match="rank 2, alpha 8.0 on q,v; the model's LoRA has rank 2, alpha 8.0 on q,k"):

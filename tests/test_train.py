@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,16 +132,14 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkey
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main([*run, "--out", straight])
 
-    save_checkpoint = train.save_checkpoint
+    def die_while_writing_the_adapter(model, path):
+        raise Killed  # killed at step 20, after train_state.pt and before the adapter beside it
 
-    def save_then_die(args, raw_model, optimizer, scaler, step, rng_states):
-        save_checkpoint(args, raw_model, optimizer, scaler, step, rng_states)
-        raise Killed  # the process dies right after its checkpoint at step 20
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_adapter", die_while_writing_the_adapter)
     with pytest.raises(Killed):
         train.main([*run, "--out", resumed])
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    assert sorted(os.listdir(resumed)) == ["log.jsonl", "train_state.pt"]  # the checkpoint is the state alone
+    monkeypatch.undo()
     train.main([*run, "--out", resumed, "--resume"])
 
     assert [r["step"] for r in read_log(resumed)] == [0, 20, 40]
@@ -178,16 +177,40 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
     assert all(saved[k].abs().sum() > 0 for k in saved if ".lora_B." in k)
 
 
+def bad_data(folder, case: str) -> str:
+    """A copy of the char data folder with one file broken the way `case` says."""
+    path = folder / case
+    shutil.copytree(folder / "chars", path)
+    if case == "odd-size":
+        with open(path / "train.bin", "ab") as f:
+            f.write(b"x")
+    elif case == "meta-not-json":
+        (path / "meta.json").write_text("{vocab_size: 128")
+    elif case == "meta-without-key":
+        (path / "meta.json").write_text(json.dumps({"vocab_size": 128}))
+    elif case == "mask-length":
+        (path / "train_mask.bin").write_bytes(b"\x01" * 10)
+    elif case == "ids-beyond-vocab":
+        tokens = np.fromfile(path / "val.bin", dtype=np.uint16)
+        tokens[5] = 500
+        tokens.tofile(path / "val.bin")
+    return str(path)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--data", "{tmp}/missing"], "is not a data folder (no meta.json)"),
         (["--data", "{tmp}"], "is not a data folder"),
+        (["--data", "{data}/odd-size"], "train.bin has an odd number of bytes"),
+        (["--data", "{data}/meta-not-json"], "meta.json is not JSON"),
+        (["--data", "{data}/meta-without-key"], "meta.json has no 'eot_token'"),
+        (["--data", "{data}/mask-length"], "train_mask.bin has 10 entries for the 18000 tokens"),
+        (["--data", "{data}/ids-beyond-vocab"], "val.bin holds token id 500, beyond the model's vocabulary of 128"),
         (["--rank", "-1"], "--rank must be >= 0"),
         (["--targets", "q,query"], "query"),
         (["--init-from", "gpt3"], "unknown model 'gpt3'"),
         (["--init-from", "{tmp}"], "is not a GPT-2 checkpoint folder"),
-        (["--resume"], "nothing to resume"),
     ],
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args, message):
@@ -196,11 +219,101 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args,
     (tmp_path / "empty").mkdir()
     (out / "adapter.safetensors").write_bytes(b"an earlier adapter")
     (out / "log.jsonl").write_text("an earlier log\n")
-    argv = ["--init-from", "scratch", "--data", char_data, *TINY_RUN, "--out", str(out)]
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(char_data, data / "chars")
+    for arg in args:
+        if arg.startswith("{data}/"):
+            bad_data(data, arg.removeprefix("{data}/"))
+    # --overwrite: even the run it would replace stays whole until every input has been checked
+    argv = ["--init-from", "scratch", "--data", char_data, *TINY_RUN, "--out", str(out), "--overwrite"]
     with pytest.raises(SystemExit) as exit:
-        train.main(argv + [a.format(tmp=tmp_path / "empty") for a in args])
+        train.main(argv + [a.format(tmp=tmp_path / "empty", data=data) for a in args])
     assert str(exit.value).startswith("train.py: error: ") and message in str(exit.value), exit.value
     assert "\n" not in str(exit.value)
     assert sorted(os.listdir(out)) == ["adapter.safetensors", "log.jsonl"]
     assert (out / "adapter.safetensors").read_bytes() == b"an earlier adapter"
     assert (out / "log.jsonl").read_text() == "an earlier log\n"
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, char_data, capsys):
+    out = str(tmp_path / "out")
+    lora_run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", out]
+    train.main(lora_run)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    full_run = [*SCRATCH, "--rank", "0", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", out]
+    with pytest.raises(SystemExit, match="holds another run .* --resume continues it, --overwrite replaces it"):
+        train.main(full_run)
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+    train.main([*full_run, "--overwrite"])  # replaced whole: no adapter of the old run beside the new model
+    assert sorted(os.listdir(out)) == ["config.json", "log.jsonl", "model.safetensors", "train_state.pt"]
+    assert [r["step"] for r in read_log(out)] == [0, 2]
+    with pytest.raises(SystemExit, match="was written by a run with"):
+        train.main([*lora_run, "--resume"])  # another run's settings
+    for argv, message in (([*full_run, "--resume", "--overwrite"], "choose one"),
+                          ([*full_run, "--targets", "q"], "--targets configure LoRA, but --rank 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"PK\x03\x04 not really a zip", "is truncated or corrupt"),
+        ("truncate", "is truncated or corrupt"),
+        ("code", "holds Python objects, not only tensors: it is not a state written by train.py"),
+    ],
+)
+def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, content, message):
+    out = tmp_path / "out"
+    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", str(out)]
+    train.main(run)
+    state = out / "train_state.pt"
+    if content == "truncate":
+        state.write_bytes(state.read_bytes()[:1000])
+    elif content == "code":
+        torch.save({"step": 2, "settings": Killed()}, state)  # an object, unpickled only by running code
+    else:
+        state.write_bytes(content)
+    before = state.read_bytes()
+    with pytest.raises(SystemExit) as exit:
+        train.main([*run, "--resume"])
+    assert str(exit.value).startswith("train.py: error: ") and message in str(exit.value), exit.value
+    assert "weights_only" not in str(exit.value) and "\n" not in str(exit.value)
+    assert state.read_bytes() == before
+
+
+def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path):
+    first, second = [1, 2, 3, 4, 5, 6, 100], [7, 8, 4, 9, 10, 11, 12, 100]  # contexts of 4 and 3 tokens
+    tokens = np.array(first + second + first, dtype=np.uint16)
+    mask = np.array([0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 1, 1], dtype=np.uint8)
+    folder = str(tmp_path / "pairs")
+    prepare_data.write_folder(folder, {"train.bin": tokens, "train_mask.bin": mask}, {})
+    with pytest.raises(ValueError, match="no window of --block-size 2 .* the shortest context is 3 tokens; use "
+                       "--block-size 8 or more"):  # fmt: skip
+        train.load_split(folder, "train", block_size=2, eot_token=100)
+    assert train.load_split(folder, "train", block_size=3, eot_token=100).starts.tolist() == [7]  # the short one
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(tmp_path, char_data, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "6", "--eval-interval", "2"]
+    forward_backward, calls = train.forward_backward, []
+
+    def interrupted_at_the_fourth_step(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return forward_backward(*args)
+
+    monkeypatch.setattr(train, "forward_backward", interrupted_at_the_fourth_step)
+    with pytest.raises(SystemExit) as exit:
+        train.main([*run, "--out", out])
+    assert exit.value.code == 130
+    assert f"train.py: interrupted at step 3; the last checkpoint is step 2 in {out}: --resume continues" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    train.main([*run, "--out", out, "--resume"])
+    assert [r["step"] for r in read_log(out)] == [0, 2, 4, 6]
