@@ -8,14 +8,15 @@ The paper claims (Hu et al., 2021):
 
 Two tables measure them, each row against its reference:
 - inference: one forward pass without gradients, per (batch, seq) shape, for the base model
-  (= a fully fine-tuned model), merged LoRA, unmerged LoRA, Adapter^H and Adapter^L (adapter_layers.py);
+  (= a fully fine-tuned model), merged LoRA, unmerged LoRA, and the adapter baselines Adapter^H and
+  Adapter^L (lab/adapter_baselines.py);
   median, min and max over trials after a warm-up; the reference is the base.
 - training: full fine-tuning vs LoRA (r=4 on q,v; r=4 on every target) on one batch of random
   tokens: trainable parameters, optimizer state, peak memory, step time, tokens/s and checkpoint
   size; each configuration in a fresh process, so peak memory is its own; the reference is full
   fine-tuning. `--peers` adds Hugging Face GPT-2 with full fine-tuning and with PEFT's LoRA.
 
-Weights are random (latency and memory do not depend on their values) unless --model is a folder.
+Weights are random (latency and memory do not depend on their values) unless --size is a folder.
 Writes OUT/results.json (one row per measurement), prints markdown tables, and draws OUT/bench.png
 when matplotlib is installed.
 """
@@ -43,12 +44,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from adapter_layers import add_houlsby_adapters, add_lin_adapters
-from lora import TARGETS, add_adapter, apply_lora, lora_layers, merge_lora, save_adapter
-from model import GPT, PRETRAINED, atomic_path, autocast, resolve_device, resolve_dtype
-from sample import generate_with_adapters
+from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
+from lab.multi_adapter import add_adapter, generate_with_adapters
+from lora import TARGETS, LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from model import GPT, PRETRAINED
+from utils import atomic_path, autocast, resolve_device, resolve_dtype
 
-LORA_RANK, LORA_ALPHA = 4, 8.0
+LORA_RANK = 4  # alpha 8, lora.py's default
 
 # Table 1 of the paper: latency overhead (%) of the adapters over the base, GPT-2 medium, per (batch, seq).
 PAPER_TABLE1 = {
@@ -61,8 +63,8 @@ PAPER_TRAINING = {"peak memory": 1.2e12 / 350e9, "checkpoint": 350e9 / 35e6, "to
 
 # Defaults per device: a CPU run finishes in a few minutes on 2 cores; on a GPU, the paper's shapes.
 DEFAULTS = {
-    "cpu": dict(model="gpt2", shapes="1x128,4x256", train_shape="2x128", mixed="4x16+16", trials=5, warmup=1),
-    "cuda": dict(model="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20,
+    "cpu": dict(size="gpt2", shapes="1x128,4x256", train_shape="2x128", mixed="4x16+16", trials=5, warmup=1),
+    "cuda": dict(size="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20,
                  warmup=5),
 }
 
@@ -81,12 +83,12 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def build_model(source: str, device: str) -> GPT:
+def build_model(size: str, device: str) -> GPT:
     """A GPT-2 of a published size with random weights (no download), or the checkpoint in a folder."""
-    if source in PRETRAINED:
+    if size in PRETRAINED:
         with torch.device(device):  # initialise on the device: fast on a GPU
-            return GPT(PRETRAINED[source])
-    return GPT.from_pretrained(source).to(device)
+            return GPT(PRETRAINED[size])
+    return GPT.from_pretrained(size).to(device)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -138,12 +140,12 @@ BASE = "base (= full FT)"
 def inference_variants(base: GPT) -> dict[str, nn.Module]:
     """The models of Table 1, all from copies of one base. Merged LoRA runs exactly the base's
     kernels (§4.1); unmerged LoRA and the adapters add layers that run in sequence."""
-    merged = apply_lora(copy.deepcopy(base), LORA_RANK, LORA_ALPHA, ("q", "v"))
+    merged = apply_lora(copy.deepcopy(base), LoRAConfig(LORA_RANK))
     merge_lora(merged)
     return {
         BASE: base,
         "LoRA merged": merged,
-        "LoRA unmerged": apply_lora(copy.deepcopy(base), LORA_RANK, LORA_ALPHA, ("q", "v")),
+        "LoRA unmerged": apply_lora(copy.deepcopy(base), LoRAConfig(LORA_RANK)),
         "Adapter^H": add_houlsby_adapters(copy.deepcopy(base)),
         "Adapter^L": add_lin_adapters(copy.deepcopy(base)),
     }
@@ -156,7 +158,7 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
     shared machine hits every model alike rather than one."""
     device, dtype = args.device, resolve_dtype(args.device, args.dtype)
     torch.manual_seed(0)
-    base = build_model(args.model, device).to(dtype).eval()
+    base = build_model(args.size, device).to(dtype).eval()
     variants = inference_variants(base)
     rows = []
     for batch, seq in args.shapes:
@@ -172,7 +174,7 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
             params = base.num_parameters() if name == BASE else trainable_parameters(model)
             rows.append(
                 row("inference", name, "latency", "ms", [1000 * s for s in seconds[name]], BASE,
-                    model=args.model, shape=f"{batch}x{seq}", device=args.device_name,
+                    model=args.size, shape=f"{batch}x{seq}", device=args.device_name,
                     dtype=str(dtype).removeprefix("torch."), params=params)
             )  # fmt: skip
     return rows
@@ -205,11 +207,11 @@ def training_runs(peers: bool) -> list[TrainingRun]:
     return runs
 
 
-def our_setup(run: TrainingRun, source: str, device: str):
+def our_setup(run: TrainingRun, size: str, device: str):
     """(model, loss of a batch, save a checkpoint into a folder) for model.py + lora.py."""
-    model = build_model(source, device)
+    model = build_model(size, device)
     if run.targets:
-        apply_lora(model, LORA_RANK, LORA_ALPHA, run.targets)
+        apply_lora(model, LoRAConfig(LORA_RANK, targets=run.targets))
 
         def save(folder):
             save_adapter(model, os.path.join(folder, "adapter.safetensors"))
@@ -218,7 +220,7 @@ def our_setup(run: TrainingRun, source: str, device: str):
     return model, lambda x: model(x, x)[1], save  # targets = inputs: only the loss's cost matters here
 
 
-def peer_setup(run: TrainingRun, source: str, device: str):
+def peer_setup(run: TrainingRun, size: str, device: str):
     """The same for Hugging Face GPT-2 and PEFT. PEFT adapts whole modules: it cannot give q and v
     of the fused c_attn their own A and B, so q,v becomes LoRA on all of c_attn (q, k and v under
     one A and one B: at r=4 the same parameter count, 12,288 per block at d=768, but k adapted too)."""
@@ -227,33 +229,30 @@ def peer_setup(run: TrainingRun, source: str, device: str):
     transformers.logging.set_verbosity_error()  # its config warnings and progress bars, not ours
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calling transformers' deprecated API
-    if source in PRETRAINED:
-        c = PRETRAINED[source]
-        config = transformers.GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        with torch.device(device):
-            model = transformers.GPT2LMHeadModel(config)
-    else:
-        model = transformers.GPT2LMHeadModel.from_pretrained(source).to(device)
+    c = PRETRAINED[size] if size in PRETRAINED else GPT.from_pretrained(size).config
+    config = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    with torch.device(device):
+        model = transformers.GPT2LMHeadModel(config)
     if run.targets:
         import peft
 
-        modules = sorted({name for t in run.targets for name, _, _ in TARGETS[t]})  # e.g. attn.c_attn
+        modules = sorted({where.module for t in run.targets for where in TARGETS[t]})  # e.g. attn.c_attn
         lora_config = peft.LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=modules, fan_in_fan_out=True
+            r=LORA_RANK, lora_alpha=LoRAConfig().alpha, lora_dropout=0.0, target_modules=modules, fan_in_fan_out=True
         )
         model = peft.get_peft_model(model, lora_config)
     return model, lambda x: model(input_ids=x, labels=x).loss, model.save_pretrained
 
 
-def measure_training(run: TrainingRun, source: str, shape: tuple[int, int], device: str, dtype_name: str,
+def measure_training(run: TrainingRun, size: str, shape: tuple[int, int], device: str, dtype_name: str,
                      warmup: int, trials: int) -> dict[str, list[float]]:  # fmt: skip
     """Train `run` for warmup + trials steps of AdamW on random tokens; runs in its own process."""
     torch.manual_seed(0)
     dtype = resolve_dtype(device, dtype_name)
-    model, loss_of, save = (our_setup if run.library == "ours" else peer_setup)(run, source, device)
+    model, loss_of, save = (our_setup if run.library == "ours" else peer_setup)(run, size, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
@@ -301,11 +300,11 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     for run in tqdm(training_runs(args.peers), desc="training", leave=False):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             measured = pool.submit(
-                measure_training, run, args.model, args.train_shape, args.device, args.dtype, args.warmup, args.trials
+                measure_training, run, args.size, args.train_shape, args.device, args.dtype, args.warmup, args.trials
             ).result()
         for metric, values in measured.items():
             rows.append(
-                row("training", run.what, metric, UNITS[metric], values, FULL, model=args.model,
+                row("training", run.what, metric, UNITS[metric], values, FULL, model=args.size,
                     shape=f"{batch}x{seq}", device=args.device_name, dtype=str(dtype).removeprefix("torch."))
             )  # fmt: skip
     return rows
@@ -325,7 +324,7 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
     n_adapters, prompt_length, new_tokens = args.mixed
     device, dtype = args.device, resolve_dtype(args.device, args.dtype)
     torch.manual_seed(0)
-    model = apply_lora(build_model(args.model, device), LORA_RANK, LORA_ALPHA, ("q", "v")).eval()
+    model = apply_lora(build_model(args.size, device), LoRAConfig(LORA_RANK)).eval()
     names = [f"adapter{i}" for i in range(n_adapters)]
     for name in names:
         with torch.no_grad():
@@ -345,7 +344,7 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
                 seconds[what].append(timed(run, device))
     return [
         row("mixed adapters", what, "tokens/s", "tokens/s", [n_adapters * new_tokens / s for s in seconds[what]],
-            MERGED_PER_ADAPTER, model=args.model, shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
+            MERGED_PER_ADAPTER, model=args.size, shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
             device=args.device_name, dtype=str(dtype).removeprefix("torch."))
         for what in merge
     ]  # fmt: skip
@@ -501,8 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(a few minutes on 2 cores). CUDA: gpt2-medium, the paper's shapes 32x512,16x256,1x128, training "
         "8x512, 20 trials, bf16 (estimated at 2 to 3 minutes on an H100). Example: python bench.py --peers --out bench-out",
     )
-    parser.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (random weights, no download), "
-                        "or a folder with config.json + model.safetensors")  # fmt: skip
+    parser.add_argument("--size", help="the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with "
+                        "random weights (no download), or a checkpoint folder")  # fmt: skip
     parser.add_argument("--shapes", help="inference shapes, batch x sequence length, comma-separated: 1x128,4x256")
     parser.add_argument("--train-shape", help="the training batch, batch x sequence length: 2x128")
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
@@ -526,10 +525,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.model not in PRETRAINED and not os.path.isdir(args.model):
-        raise ValueError(f"unknown model '{args.model}': use one of {', '.join(PRETRAINED)} or a checkpoint folder")
     if args.trials < 1 or args.warmup < 0:
         raise ValueError("--trials must be >= 1 and --warmup >= 0")
+    if args.size not in PRETRAINED and not os.path.isdir(args.size):
+        raise ValueError(f"unknown --size '{args.size}': use one of {', '.join(PRETRAINED)} or a checkpoint folder")
     resolve_dtype(args.device, args.dtype)  # refuses an unknown dtype now, not after minutes of work
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
     args.mixed = parse_mixed(args.mixed)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from utils import atomic_path
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,29 +80,6 @@ class Block(nn.Module):
         return x
 
 
-class KVCache:
-    """One layer's keys and values of the tokens seen so far, so that generating a token runs the
-    model on that token alone instead of on the whole sequence again. The buffers are allocated
-    on the first `append`, for `max_length` tokens, in the dtype and device the keys come in."""
-
-    def __init__(self, max_length: int):
-        self.max_length = max_length
-        self.length = 0  # tokens held
-        self.k: torch.Tensor | None = None  # (B, nh, max_length, hs)
-        self.v: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the keys and values (B, nh, T, hs) of T new tokens; return those of all tokens."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.max_length, hs)
-            self.v = v.new_empty(B, nh, self.max_length, hs)
-        start, end = self.length, self.length + k.size(2)
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024  # context window (Hugging Face: n_positions)
@@ -159,14 +136,20 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, with targets, the mean cross-entropy over targets != -1."""
-        logits = self.lm_head(self.hidden_states(idx, kv_caches))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, vocab), None); or with targets (B, T), (None, the mean cross-entropy over
+        the targets != -1): the vocabulary projection then runs only where a loss is taken."""
+        x = self.hidden_states(idx, kv_caches)
+        if targets is None:
+            return self.lm_head(x), None
+        scored = targets != -1  # context and padding of pairs take no loss, so get no logits either
+        logits = self.lm_head(x[scored])  # (n_targets, vocab)
+        return None, F.cross_entropy(logits.float(), targets[scored], label_smoothing=label_smoothing)
 
     def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """The last block's output after ln_f (B, T, C), which lm_head turns into logits.
@@ -269,6 +252,32 @@ class GPT(nn.Module):
             save_file(_to_hf_layout(self.state_dict()), tmp, metadata={"format": "pt"})
 
 
+# ---- generation: the KV cache and the choice of the next token ------------------------------------
+
+
+class KVCache:
+    """One layer's keys and values of the tokens seen so far, so that generating a token runs the
+    model on that token alone instead of on the whole sequence again. The buffers are allocated
+    on the first `append`, for `max_length` tokens, in the dtype and device the keys come in."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0  # tokens held
+        self.k: torch.Tensor | None = None  # (B, nh, max_length, hs)
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values (B, nh, T, hs) of T new tokens; return those of all tokens."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.max_length, hs)
+            self.v = v.new_empty(B, nh, self.max_length, hs)
+        start, end = self.length, self.length + k.size(2)
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
     """One token per row from logits (B, vocab): the most likely at temperature 0, else sampled
     from softmax(logits / temperature), limited to the top_k most likely when top_k is given."""
@@ -303,7 +312,7 @@ def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
         raise FileNotFoundError(
             f"could not fetch {name_or_path}'s weights from the Hugging Face hub ({type(e).__name__}). "
             "Connect once to fill the cache, pass a local folder with config.json and "
-            "model.safetensors, or train a base from scratch (--init-from scratch)"
+            "model.safetensors, or train a base from scratch (--base scratch)"
         ) from None
 
 
@@ -330,52 +339,6 @@ def _to_hf_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-@contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the body succeeds,
-    so a crash never leaves a half-written file where a good one was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def config_dict(config: GPTConfig) -> dict:
     """The architecture fields of a config (what an adapter must match), dropout left out."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "dropout"}
-
-
-
-# ---- where and in what precision to run: shared by train.py, sample.py and bench.py -------------
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:
-    """The autocast dtype. 'auto': bfloat16 where CUDA supports it, else float16 (train with a
-    GradScaler); float32 on the CPU, where low-precision autocast is slower than it saves."""
-    if dtype == "auto":
-        if not device.startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
-    """Mixed precision on the matmuls (weights stay fp32); a no-op context for float32."""
-    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)

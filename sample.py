@@ -1,14 +1,14 @@
-"""Generate text from GPT-2 plus the LoRA adapter(s) of a training run, merged or not.
+"""Generate text from GPT-2 plus the LoRA adapter of a training run, merged or not.
 
-    python sample.py --merge                      # out/ of train.py: its adapter merged into its base
-    python sample.py --out out --prompt "ROMEO:"  # the same adapter, unmerged: the same greedy text
-    python sample.py --adapter a.safetensors --adapter b.safetensors --prompt "one" --prompt "two"
-                                                  # two tasks in one batch, each row with its own adapter
+    python sample.py --merge                          # out/ of train.py: its adapter merged into its base
+    python sample.py --run-dir out --prompt "ROMEO:"      # the same adapter unmerged: the same greedy text
+    python sample.py --adapter a.safetensors --temperature 0
+    python sample.py --base gpt2 --prompt "Hello"     # the base alone
 
-The adapter file names the base it was trained on, which is loaded by default (`--init-from`
-overrides it). With --merge each adapter is folded into the weights before it generates (paper
-§4.1: no added latency), one adapter at a time. Without --merge the adapters stay beside the
-weights and all rows, whatever their adapter, run as one batch (lora.adapter_per_row).
+An adapter file names the base it was trained on, which is loaded by default (`--base` overrides
+it). With --merge the adapter is folded into the weights before generating (paper §4.1: no added
+latency); without it, every step computes W0·x + (α/r)·B·A·x. Several adapters in one batch:
+lab/multi_adapter.py.
 """
 
 from __future__ import annotations
@@ -17,36 +17,30 @@ import argparse
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import tiktoken
 import torch
 
-from lora import (
-    adapter_per_row, add_adapter, merge_lora, read_adapter, set_adapter, unmerge_lora,
-)  # fmt: skip
-from model import GPT, GPTConfig, autocast, resolve_device, resolve_dtype
+from lora import load_adapter, merge_lora, read_adapter
+from model import GPT
+from utils import autocast, resolve_device, resolve_dtype, synchronize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--out", default=None, metavar="DIR",
-                        help="a train.py output folder: its adapter.safetensors (a LoRA run) or its config.json + "
-                             "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --init-from "
-                             "is given")
-    source.add_argument("--adapter", action="append", metavar="FILE",
-                        help="an adapter file; repeat it to run several adapters in one batch, one --prompt each")
-    parser.add_argument("--init-from", default=None, metavar="BASE",
-                        help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a folder with config.json + "
-                             "model.safetensors, or scratch (random GPT-2 small, for timing). "
-                             "Default: the base named in the adapter")
-    parser.add_argument("--merge", action="store_true", help="merge each adapter into the weights before it generates")
-    parser.add_argument("--prompt", action="append", metavar="TEXT",
-                        help="the text to continue, or FILE:path to read it from a file; one, or one per --adapter. "
-                             "Default: a newline")
+    source.add_argument("--run-dir", default=None, metavar="DIR",
+                        help="a train.py run folder: its adapter.safetensors (a LoRA run) or its config.json + "
+                             "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --base is given")
+    source.add_argument("--adapter", metavar="FILE", help="an adapter file, instead of a run folder")
+    parser.add_argument("--base", default=None,
+                        help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder with config.json + "
+                             "model.safetensors. Default: the base named in the adapter")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights before generating")
+    parser.add_argument("--prompt", default="\n", metavar="TEXT",
+                        help="the text to continue, or FILE:path to read it from a file (default: a newline)")
     parser.add_argument("--num-samples", type=int, default=1,
-                        help="samples per prompt, in one batch (default: %(default)s)")
+                        help="samples of the prompt, in one batch (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=200,
@@ -64,30 +58,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---- what to load: a base, and the adapters of a training run ------------------------------------
+# ---- what to load: a base, and the adapter of a training run --------------------------------------
 
 
-def find_run(out: str | None, adapters: list[str] | None, init_from: str | None) -> tuple[str, list[str]]:
-    """(the base to load, the adapter files) from the command line's --out, --adapter, --init-from."""
-    if adapters:
-        return init_from or read_adapter(adapters[0])[1]["base"], adapters
-    if out is None and init_from is not None:
-        return init_from, []  # a base alone
-    folder = out or "out"
+def find_run(run: str | None, adapter: str | None, base: str | None) -> tuple[str, str | None]:
+    """(the base to load, the adapter file or None) from the command line's --run-dir, --adapter, --base."""
+    if adapter:
+        return base or read_adapter(adapter)[1]["base"], adapter
+    if run is None and base is not None:
+        return base, None  # a base alone
+    folder = run or "out"
     if os.path.isfile(os.path.join(folder, "adapter.safetensors")):  # a LoRA run
         path = os.path.join(folder, "adapter.safetensors")
-        return init_from or read_adapter(path)[1]["base"], [path]
+        return base or read_adapter(path)[1]["base"], path
     if os.path.isfile(os.path.join(folder, "model.safetensors")):  # a --rank 0 run: the whole model
-        return init_from or folder, []
+        return base or folder, None
     raise ValueError(
         f"{folder} holds neither adapter.safetensors nor model.safetensors: train with train.py first, "
-        "or pass --adapter FILE or --init-from gpt2"
+        "or pass --adapter FILE or --base gpt2"
     )
 
 
 def load_base(name_or_path: str) -> GPT:
-    if name_or_path == "scratch":  # random weights: the speed of GPT-2 small without its download
-        return GPT(GPTConfig())
+    if name_or_path == "scratch":
+        raise ValueError("the adapter was trained on a random base (--base scratch) that was never saved: "
+                         "train the base with --rank 0 first, then the adapter on that folder")  # fmt: skip
     return GPT.from_pretrained(name_or_path)
 
 
@@ -96,6 +91,24 @@ def read_prompt(text: str) -> str:
         with open(text.removeprefix("FILE:"), encoding="utf-8") as f:
             return f.read()
     return text
+
+
+def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, list[list[int]]]:
+    """GPT-2's BPE, and each text's tokens (its last block_size tokens if it is longer)."""
+    encoding = tiktoken.get_encoding("gpt2")
+    if model.config.vocab_size < encoding.n_vocab:
+        raise ValueError(
+            f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})"
+        )
+    prompts, window = [], model.config.block_size
+    for i, text in enumerate(texts):
+        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
+        if len(tokens) > window:
+            print(f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
+                  f"the model sees only its last {window}")  # fmt: skip
+            tokens = tokens[-window:]
+        prompts.append(tokens)
+    return encoding, prompts
 
 
 # ---- generation --------------------------------------------------------------------------------
@@ -112,32 +125,6 @@ def generate_rows(model: GPT, prompts: list[list[int]], max_new_tokens: int, **s
     return [row[: n + max_new_tokens] for row, n in zip(tokens, lengths)]
 
 
-def generate_with_adapters(
-    model: GPT, prompts: list[list[int]], adapters: list[str | None], merge: bool, max_new_tokens: int, **sampling
-) -> list[list[int]]:
-    """Row i continues prompts[i] with the adapter adapters[i] (a name given to add_adapter, or None
-    for the base). merge: one pass per adapter with it merged; else all rows in one mixed batch."""
-    if not merge:
-        with adapter_per_row(model, adapters) if any(adapters) else nullcontext():
-            return generate_rows(model, prompts, max_new_tokens, **sampling)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for adapter in dict.fromkeys(adapters):  # each adapter once, in order of first use
-        rows = [i for i, a in enumerate(adapters) if a == adapter]
-        if adapter is not None:
-            set_adapter(model, adapter)
-            merge_lora(model)
-        for row, tokens in zip(rows, generate_rows(model, [prompts[i] for i in rows], max_new_tokens, **sampling)):
-            outputs[row] = tokens
-        unmerge_lora(model)
-    return outputs
-
-
-def synchronize(device: str) -> None:
-    """Wait for the GPU, so that a timer measures the work and not its queueing."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -150,54 +137,31 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(device, args.dtype)
-    base, adapter_paths = find_run(args.out, args.adapter, args.init_from)
+    base, adapter = find_run(args.run_dir, args.adapter, args.base)
     model = load_base(base)
-    for path in dict.fromkeys(adapter_paths):  # named by their paths; checked against the base
-        add_adapter(model, path, path)
+    if adapter is not None:
+        load_adapter(model, adapter)  # checked against the base
+        if args.merge:
+            merge_lora(model)
     model.to(device).eval()
-
-    encoding = tiktoken.get_encoding("gpt2")
-    if model.config.vocab_size < encoding.n_vocab:
-        raise ValueError(
-            f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})"
-        )
-    texts = [read_prompt(p) for p in args.prompt or ["\n"]]
-    adapters: list[str | None] = adapter_paths or [None]
-    if len(texts) == 1:
-        texts = texts * len(adapters)
-    elif len(adapters) == 1:
-        adapters = adapters * len(texts)
-    elif len(texts) != len(adapters):
-        raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} prompts for {len(adapters)} adapters")
-
-    prompts, window = [], model.config.block_size
-    for i, text in enumerate(texts):
-        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
-        if len(tokens) > window:
-            print(f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
-                  f"the model sees only its last {window}")  # fmt: skip
-            tokens = tokens[-window:]
-        prompts.append(tokens)
-    rows = [(prompt, adapter) for prompt, adapter in zip(prompts, adapters) for _ in range(args.num_samples)]
+    encoding, prompts = encode_prompts(model, [read_prompt(args.prompt)])
 
     synchronize(device)
     start = time.perf_counter()
     with autocast(device, dtype):
-        outputs = generate_with_adapters(
-            model, [p for p, _ in rows], [a for _, a in rows], args.merge, args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k or None, use_cache=args.kv_cache,
-        )  # fmt: skip
+        outputs = generate_rows(model, prompts * args.num_samples, args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k or None, use_cache=args.kv_cache)  # fmt: skip
     synchronize(device)
     seconds = time.perf_counter() - start
 
-    for (_, adapter), tokens in zip(rows, outputs):
+    for tokens in outputs:
         print(f"--- {adapter or base} ---")
         print(encoding.decode([t for t in tokens if t < encoding.n_vocab]))  # a padded vocabulary's extras have no text
-    n_tokens = len(rows) * args.max_new_tokens
-    how = ("merged, one pass per adapter" if args.merge else "unmerged, one batch") if adapter_paths else "base only"
+    n_tokens = len(outputs) * args.max_new_tokens
+    how = ("merged" if args.merge else "unmerged") if adapter else "base only"
     cache = "KV cache" if args.kv_cache else "no KV cache"
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:,.1f} tokens/s ({len(rows)} "
-          f"row{'s' * (len(rows) > 1)}, {how}, {cache}, {device}, {str(dtype).removeprefix('torch.')})")  # fmt: skip
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:,.1f} tokens/s ({how}, {cache}, {device}, "
+          f"{str(dtype).removeprefix('torch.')})")  # fmt: skip
 
 
 if __name__ == "__main__":

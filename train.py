@@ -1,14 +1,14 @@
 """Fine-tune GPT-2 with LoRA (or all its weights, --rank 0) on data made by prepare_data.py.
 
-    python train.py --rank 4                          # LoRA r=4 on Wq, Wv of GPT-2 124M, tiny Shakespeare
-    python train.py --rank 0                          # full fine-tuning, the baseline LoRA is measured against
-    python train.py --init-from scratch --rank 0 ...  # pre-train a small base offline
-    torchrun --nproc_per_node 4 train.py --rank 4     # data-parallel on 4 GPUs (or CPU processes)
+    python train.py --rank 4                        # LoRA r=4 on Wq, Wv of GPT-2 124M, tiny Shakespeare
+    python train.py --rank 0                        # full fine-tuning, the baseline LoRA is measured against
+    python train.py --base scratch --rank 0 ...     # pre-train a small base offline
+    torchrun --nproc_per_node 4 train.py --rank 4   # data-parallel on 4 GPUs (or CPU processes)
 
-One straight path, top to bottom in `train()`: data → base model → LoRA (freezes the base) →
-device → optimizer over the trainable parameters → compile → DDP → the loop. Output in --out:
-`adapter.safetensors` (LoRA) or `config.json` + `model.safetensors` (--rank 0), `log.jsonl`, and
-`train_state.pt` (optimizer, step, RNG states) for --resume.
+One straight path in `train()`: data → base model → LoRA (freezes the base) → device → optimizer
+over the trainable parameters → resume → compile → DDP → the loop. Output in the run folder
+(--run-dir): `adapter.safetensors` (LoRA) or `config.json` + `model.safetensors` (--rank 0),
+`log.jsonl`, and `train_state.pt`, the checkpoint --resume reads.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
-import pickle
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
 from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, parameter_summary, parse_targets, save_adapter
-from model import GPT, GPTConfig, atomic_path, autocast, resolve_device, resolve_dtype
+from model import GPT, GPTConfig
+from utils import atomic_path, autocast, resolve_device, resolve_dtype
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
 
@@ -50,62 +50,80 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="α (default 8): the update is scaled by α/r, so α need not change with r")
     lora.add_argument("--targets", default=None,
                       help=f"weights to adapt, from q,k,v,o,mlp (default {','.join(DEFAULT_TARGETS)}; §4.2: q,v does "
-                      "best on a budget)")  # fmt: skip
-    lora.add_argument("--lora-dropout", type=float, default=None,
-                      help="dropout on the LoRA branch's input (default 0)")
+                      "best on a budget)")
+    lora.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA branch's input (default 0)")
     model = parser.add_argument_group("model and data")
-    model.add_argument("--init-from", default="gpt2",
-                       help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder written by a --rank 0 "
-                       "run, or scratch (a random model shaped by --n-layer/--n-head/--n-embd)")  # fmt: skip
-    model.add_argument("--n-layer", type=int, default=6, help="with --init-from scratch: transformer blocks")
-    model.add_argument("--n-head", type=int, default=6, help="with --init-from scratch: attention heads")
-    model.add_argument("--n-embd", type=int, default=384, help="with --init-from scratch: width")
+    model.add_argument("--base", default="gpt2",
+                       help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder "
+                       "written by a --rank 0 run, or scratch (a new random model shaped by --n-layer/--n-head/--n-embd)")
+    model.add_argument("--n-layer", type=int, default=6, help="with --base scratch: transformer blocks")
+    model.add_argument("--n-head", type=int, default=6, help="with --base scratch: attention heads")
+    model.add_argument("--n-embd", type=int, default=384, help="with --base scratch: width")
     model.add_argument("--data", default=DEFAULT_DATA,
                        help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)")
-    model.add_argument("--out", default="out",
-                       help="the run's folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
+    model.add_argument("--run-dir", default="out",
+                       help="the run folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
                        "holds another run is refused unless --resume continues it or --overwrite replaces it")
     loop = parser.add_argument_group("optimisation")
     loop.add_argument("--max-iters", type=int, default=1000, help="optimizer steps")
+    loop.add_argument("--epochs", type=float, default=None,
+                      help="with --batching padded: passes over the training examples, instead of --max-iters")
+    loop.add_argument("--batching", choices=("packed", "padded"), default="packed",
+                      help="packed: windows of --block-size tokens cut anywhere (pairs: starting on an example). "
+                      "padded: one whole example per row, right-padded, never two in a row (pairs only; the "
+                      "paper's E2E setup)")
     loop.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
-    loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
+    loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence (the longest, when padded)")
     loop.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     loop.add_argument("--lr", type=float, default=None,
                       help="peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a "
-                      "pre-trained model")  # fmt: skip
-    loop.add_argument("--warmup-iters", type=int, default=100,
-                      help="linear warmup, then cosine decay to lr/10 at --max-iters")
+                      "pre-trained model")
+    loop.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
+                      help="after the warmup: cosine decay to lr/10, or linear decay to 0 (the paper's E2E runs)")
+    loop.add_argument("--warmup-iters", type=int, default=100, help="steps of linear warmup from 0 to --lr")
     loop.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on matrices only")
     loop.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0: off)")
+    loop.add_argument("--label-smoothing", type=float, default=0.0, help="of the cross-entropy (the paper's E2E: 0.1)")
     loop.add_argument("--eval-interval", type=int, default=100,
                       help="evaluate and write a checkpoint every this many steps")
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
     loop.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
     loop.add_argument("--resume", action="store_true",
-                      help="continue the run in --out from its last checkpoint (train_state.pt: the trained weights, "
-                      "optimizer, step and random states)")
+                      help="continue the run in --run-dir from train_state.pt (the trained weights, optimizer, step and "
+                      "random states)")
     loop.add_argument("--overwrite", action="store_true",
-                      help="replace the run in --out: its files are deleted once every input has been checked")
+                      help="replace the run in --run-dir: its files are deleted once every input has been checked")
     system = parser.add_argument_group("hardware")
     system.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     system.add_argument("--dtype", default="auto",
                         help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; "
-                        "float32 on CPU), float32, bfloat16, float16")  # fmt: skip
-    system.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (faster on GPU after a warm-up)")
+                        "float32 on CPU), float32, bfloat16, float16")
+    system.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)")
     args = parser.parse_args(argv)
     given = [flag for flag, value in (("--alpha", args.alpha), ("--targets", args.targets),
                                       ("--lora-dropout", args.lora_dropout)) if value is not None]  # fmt: skip
+    if args.rank < 0:
+        parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
     if args.rank == 0 and given:
         parser.error(f"{', '.join(given)} configure LoRA, but --rank 0 trains every weight without it: drop them")
     if args.resume and args.overwrite:
-        parser.error("--resume continues the run in --out, --overwrite replaces it: choose one")
-    args.alpha = 8.0 if args.alpha is None else args.alpha
-    args.targets = ",".join(DEFAULT_TARGETS) if args.targets is None else args.targets
-    args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
+        parser.error("--resume continues the run in --run-dir, --overwrite replaces it: choose one")
+    if args.epochs is not None and args.batching != "padded":
+        parser.error("--epochs counts passes over whole examples: use it with --batching padded")
+    if min(args.max_iters, args.batch_size, args.block_size, args.grad_accum, args.eval_interval, args.eval_iters) < 1:
+        parser.error("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters must be >= 1")
     if args.lr is None:
-        args.lr = 1e-4 if args.rank == 0 and args.init_from != "scratch" else 1e-3
+        args.lr = 1e-4 if args.rank == 0 and args.base != "scratch" else 1e-3
     return args
+
+
+def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
+    """The LoRA settings of the command line; None for full fine-tuning (--rank 0)."""
+    if args.rank == 0:
+        return None
+    targets = parse_targets(args.targets) if args.targets is not None else DEFAULT_TARGETS
+    alpha, dropout = (8.0 if args.alpha is None else args.alpha), (args.lora_dropout or 0.0)
+    return LoRAConfig(args.rank, alpha, targets, dropout)
 
 
 # ---- data: token files from prepare_data.py, read through np.memmap --------------------------------
@@ -115,55 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Split:
     tokens: np.ndarray  # uint16 token ids
     mask: np.ndarray | None  # uint8, 1 where a token is a target (pairs), None for plain text
-    starts: np.ndarray | None  # where a window may start: each example's first token (pairs), None: anywhere
-
-
-def load_split(folder: str, split: str, block_size: int, eot_token: int) -> Split:
-    """A split's tokens (and loss mask), checked: a file of the wrong size, or pairs whose windows
-    would hold no target token (a loss over nothing), are errors naming the file."""
-    path = os.path.join(folder, f"{split}.bin")
-    if os.path.getsize(path) % 2:
-        raise ValueError(f"{path} has an odd number of bytes: not uint16 token ids written by prepare_data.py")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(tokens) <= block_size:
-        raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
-    mask_path = os.path.join(folder, f"{split}_mask.bin")
-    if not os.path.exists(mask_path):
-        return Split(tokens, None, None)
-    mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-    if len(mask) != len(tokens):
-        raise ValueError(f"{mask_path} has {len(mask)} entries for the {len(tokens)} tokens of {path}")
-    # every example ends with <|endoftext|>: windows start on an example's first token, so a target
-    # is never seen without its context; a window runs on into the next examples (packing)
-    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
-    targets = np.flatnonzero(np.asarray(mask))
-    if len(targets) == 0:
-        raise ValueError(f"{mask_path} marks no target token")
-    # y covers tokens start+1 .. start+block_size: keep the windows whose example's target begins there
-    first_target = targets[np.minimum(np.searchsorted(targets, starts), len(targets) - 1)]
-    reaches = (first_target > starts) & (first_target - starts <= block_size) & (starts + block_size < len(tokens))
-    if not reaches.any():
-        raise ValueError(
-            f"no window of --block-size {block_size} in {path} reaches a target token: the shortest context is "
-            f"{int((first_target - starts).min())} tokens; use --block-size {int(np.diff(starts).max())} or more "
-            "to see whole examples"
-        )
-    return Split(tokens, mask, starts[reaches])
-
-
-def get_batch(
-    split: Split, batch_size: int, block_size: int, generator: torch.Generator, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y: (batch_size, block_size) int64; y is x shifted by one, -1 where no loss is taken."""
-    n_starts = len(split.starts) if split.starts is not None else len(split.tokens) - block_size
-    ix = torch.randint(n_starts, (batch_size,), generator=generator).numpy()
-    if split.starts is not None:
-        ix = split.starts[ix]
-    x = torch.from_numpy(np.stack([split.tokens[i : i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([split.tokens[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
-    if split.mask is not None:
-        y[torch.from_numpy(np.stack([split.mask[i + 1 : i + 1 + block_size] for i in ix])) == 0] = -1
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    starts: np.ndarray | None  # pairs: where a packed window may start (an example's first token)
+    examples: np.ndarray | None  # pairs: (n_examples, 2) start and end of each example
 
 
 def open_data(folder: str) -> dict:
@@ -173,9 +144,7 @@ def open_data(folder: str) -> dict:
         prepare_data.prepare(None, "shakespeare", out_dir=os.path.dirname(folder))
     for name in ("meta.json", "train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(
-                f"{folder} is not a data folder (no {name}): make one with prepare_data.py --input FILE"
-            )
+            raise FileNotFoundError(f"{folder} is not a data folder (no {name}): make one with prepare_data.py")
     path = os.path.join(folder, "meta.json")
     try:
         with open(path) as f:
@@ -188,24 +157,125 @@ def open_data(folder: str) -> dict:
     return meta
 
 
-def check_token_ids(split: Split, folder: str, name: str, vocab_size: int) -> None:
+def load_split(folder: str, split: str, block_size: int, eot_token: int, padded: bool = False) -> Split:
+    """A split's tokens (and loss mask), checked: a file of the wrong size, or pairs whose windows
+    would hold no target token (a loss over nothing), are errors naming the file."""
+    path = os.path.join(folder, f"{split}.bin")
+    if os.path.getsize(path) % 2:
+        raise ValueError(f"{path} has an odd number of bytes: not uint16 token ids written by prepare_data.py")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    mask_path = os.path.join(folder, f"{split}_mask.bin")
+    if not os.path.exists(mask_path):
+        if padded:
+            raise ValueError(f"{folder} holds plain text: --batching padded needs pairs (prepare_data.py --format pairs)")
+        if len(tokens) <= block_size:
+            raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
+        return Split(tokens, None, None, None)
+    mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+    if len(mask) != len(tokens):
+        raise ValueError(f"{mask_path} has {len(mask)} entries for the {len(tokens)} tokens of {path}")
+    # every example ends with <|endoftext|>: an example runs from one start to the next
+    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
+    examples = np.stack([starts, np.append(starts[1:], len(tokens))], axis=1)
+    if padded:
+        longest = int((examples[:, 1] - examples[:, 0]).max())
+        if longest - 1 > block_size:  # a row holds an example but its last token, which is only predicted
+            raise ValueError(f"{path} has an example of {longest} tokens: use --block-size {longest - 1} or more")
+        return Split(tokens, mask, None, examples)
+    targets = np.flatnonzero(np.asarray(mask))
+    if len(targets) == 0:
+        raise ValueError(f"{mask_path} marks no target token")
+    # a packed window starts on an example's first token, so a target is never seen without its
+    # context; its y covers tokens start+1 .. start+block_size: keep the windows that reach a target
+    first_target = targets[np.minimum(np.searchsorted(targets, starts), len(targets) - 1)]
+    reaches = (first_target > starts) & (first_target - starts <= block_size) & (starts + block_size < len(tokens))
+    if not reaches.any():
+        raise ValueError(
+            f"no window of --block-size {block_size} in {path} reaches a target token: the shortest context is "
+            f"{int((first_target - starts).min())} tokens; use --block-size {int(np.diff(starts).max())} or more "
+            "to see whole examples"
+        )
+    return Split(tokens, mask, starts[reaches], examples)
+
+
+def check_token_ids(split: Split, path: str, vocab_size: int) -> None:
     """Token ids must index the model's embedding; found here, not as an index error at step 0."""
     largest = int(split.tokens.max())
     if largest >= vocab_size:
-        raise ValueError(f"{folder}/{name}.bin holds token id {largest}, beyond the model's vocabulary of {vocab_size}")
+        raise ValueError(f"{path} holds token id {largest}, beyond the model's vocabulary of {vocab_size}")
+
+
+def packed_batch(
+    split: Split, batch_size: int, block_size: int, generator: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y: (batch_size, block_size) int64 windows at random places; y is x shifted by one, -1 where
+    no loss is taken (pairs' contexts)."""
+    n_starts = len(split.starts) if split.starts is not None else len(split.tokens) - block_size
+    ix = torch.randint(n_starts, (batch_size,), generator=generator).numpy()
+    if split.starts is not None:
+        ix = split.starts[ix]
+    x = torch.from_numpy(np.stack([split.tokens[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([split.tokens[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if split.mask is not None:
+        y[torch.from_numpy(np.stack([split.mask[i + 1 : i + 1 + block_size] for i in ix])) == 0] = -1
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def padded_batch(split: Split, indices: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y: one whole example per row, right-padded to the longest (B, T); y is -1 on the context
+    and the padding, so the loss is on the targets alone."""
+    rows = [split.examples[i] for i in indices]
+    T = max(end - start for start, end in rows) - 1
+    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -1, dtype=torch.long)
+    for row, (start, end) in enumerate(rows):
+        tokens = torch.from_numpy(split.tokens[start:end].astype(np.int64))
+        is_target = torch.from_numpy(split.mask[start + 1 : end].astype(bool))
+        x[row, : end - start - 1] = tokens[:-1]
+        y[row, : end - start - 1] = tokens[1:].masked_fill(~is_target, -1)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def epoch_order(n_examples: int, first: int, count: int, seed: int) -> list[int]:
+    """Examples `first` .. `first + count - 1` of the run's sequence of epochs, each epoch a new
+    shuffle: a function of the position alone, so a resumed run draws what the straight one would."""
+    order = []
+    for position in range(first, first + count):
+        epoch, i = divmod(position, n_examples)
+        order.append(int(torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))[i]))
+    return order
+
+
+def training_batches(
+    split: Split, args: argparse.Namespace, step: int, process: int, world_size: int, generator: torch.Generator,
+    device: str,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """The --grad-accum micro-batches of one optimizer step for one process."""
+    if args.batching == "packed":
+        return [packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.grad_accum)]
+    batches = []
+    for micro in range(args.grad_accum):
+        first = ((step * args.grad_accum + micro) * world_size + process) * args.batch_size
+        batches.append(padded_batch(split, epoch_order(len(split.examples), first, args.batch_size, args.seed), device))
+    return batches
+
+
+def validation_batches(split: Split, args: argparse.Namespace, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same --eval-iters batches at every evaluation, so the numbers compare across the run:
+    seeded windows (packed), or the first examples in order (padded)."""
+    if args.batching == "packed":
+        generator = torch.Generator().manual_seed(args.seed)
+        return [packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.eval_iters)]
+    n = min(len(split.examples), args.eval_iters * args.batch_size)
+    return [padded_batch(split, list(range(i, min(i + args.batch_size, n))), device) for i in range(0, n, args.batch_size)]
 
 
 # ---- the loss: summed over target tokens, divided by their count over the whole step -------------
 
 
-def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ of the cross-entropies over the target tokens (targets != -1), in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
-
-
 def forward_backward(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision, scaler: torch.amp.GradScaler
-) -> float:
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision, scaler: torch.amp.GradScaler,
+    label_smoothing: float = 0.0,
+) -> float:  # fmt: skip
     """Accumulate one optimizer step's gradient over `batches` (micro-batches). The loss is the sum
     of cross-entropies over every target token of every micro-batch (and every process), divided
     by their total count: the mean over target tokens of the whole step, as if it were one batch,
@@ -215,44 +285,43 @@ def forward_backward(
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size > 1:
         dist.all_reduce(n_step)  # DDP averages gradients over processes; × world_size below undoes that
+    if n_step == 0:
+        raise ValueError("a training step drew no target token: a loss over nothing is not 0")
     loss_sum = torch.zeros((), device=n_step.device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()  # all-reduce once per step
         with sync:
             with precision:
-                logits, _ = model(x)
-            summed = summed_loss(logits, y)
-            scaler.scale(summed * world_size / n_step.clamp(min=1)).backward()
+                _, mean = model(x, y, label_smoothing=label_smoothing)
+            summed = mean * (y != -1).sum()
+            scaler.scale(summed * world_size / n_step).backward()
         loss_sum += summed.detach()  # no .item() here: on a GPU it would wait for each micro-batch
     return loss_sum.item() / max(n_local, 1)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, args: argparse.Namespace, precision, device: str) -> float:
-    """Mean loss over the target tokens of --eval-iters validation batches: the same batches at
-    every evaluation (their own seeded generator), so the numbers compare across the run."""
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision) -> float:
+    """Mean loss over the target tokens of the validation batches (no label smoothing)."""
     model.eval()
-    generator = torch.Generator().manual_seed(args.seed)
     loss_sum, n_targets = 0.0, 0
-    for _ in range(args.eval_iters):
-        x, y = get_batch(split, args.batch_size, args.block_size, generator, device)
+    for x, y in batches:
         with precision:
-            logits, _ = model(x)
-        loss_sum += summed_loss(logits, y).item()
-        n_targets += int((y != -1).sum())
+            _, mean = model(x, y)
+        n = int((y != -1).sum())
+        loss_sum, n_targets = loss_sum + mean.item() * n, n_targets + n
     model.train()
-    if n_targets == 0:
-        raise ValueError("the validation batches hold no target token: a loss over nothing is not 0")
     return loss_sum / n_targets
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warmup to --lr, then cosine decay to lr/10 at --max-iters."""
+    """Linear warmup to --lr, then cosine decay to lr/10 or linear decay to 0 at --max-iters."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
-    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.lr / 10 + 0.5 * (args.lr - args.lr / 10) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    progress = min(1.0, (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    if args.schedule == "linear":
+        return args.lr * (1 - progress)
+    return args.lr / 10 + 0.5 * (args.lr - args.lr / 10) * (1 + math.cos(math.pi * progress))
 
 
 # ---- the run folder and its checkpoints ---------------------------------------------------------
@@ -266,21 +335,28 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 RUN_FILES = ("adapter.safetensors", "config.json", "model.safetensors", "train_state.pt", "log.jsonl")
 
 
-def check_out_folder(out: str, resume: bool, overwrite: bool) -> list[str]:
-    """The rule for --out: a new run needs a folder without another run's files, unless --overwrite
+def check_run_folder(run: str, resume: bool, overwrite: bool) -> list[str]:
+    """The rule for --run-dir: a new run needs a folder without another run's files, unless --overwrite
     (those files are then returned, to delete once every input is checked); --resume needs one."""
-    state_path = os.path.join(out, "train_state.pt")
     if resume:
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"nothing to resume: no {state_path}")
+        if not os.path.isfile(os.path.join(run, "train_state.pt")):
+            raise FileNotFoundError(f"nothing to resume: no {os.path.join(run, 'train_state.pt')}")
         return []
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(run, name))]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out} holds another run ({', '.join(existing)}): --resume continues it, --overwrite replaces it, "
-            "or choose another --out"
+            f"{run} holds another run ({', '.join(existing)}): --resume continues it, --overwrite replaces it, "
+            "or choose another --run-dir"
         )
     return existing
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What must not change between a run and its --resume."""
+    config = lora_config(args)
+    scratch = [args.n_layer, args.n_head, args.n_embd, args.block_size] if args.base == "scratch" else None
+    return {"base": args.base, "scratch_shape": scratch, "lora": asdict(config) if config else None,
+            "batching": args.batching}  # fmt: skip
 
 
 def rng_state(generator: torch.Generator, device: str) -> dict:
@@ -290,30 +366,23 @@ def rng_state(generator: torch.Generator, device: str) -> dict:
     return state
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """What must not change between a run and its --resume."""
-    lora = asdict(LoRAConfig(args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)) if args.rank else None
-    scratch = [args.n_layer, args.n_head, args.n_embd, args.block_size] if args.init_from == "scratch" else None
-    return dict(init_from=args.init_from, scratch_shape=scratch, lora=lora)
-
-
 def save_checkpoint(
     args: argparse.Namespace, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     step: int, rng_states: list[dict],
 ) -> None:  # fmt: skip
     """train_state.pt (the checkpoint, one atomic file), then the adapter or model (the product)."""
     trained = {name: p.detach() for name, p in raw_model.named_parameters() if p.requires_grad}
-    state = dict(step=step, trained=trained, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                 rng=rng_states, settings=run_settings(args))  # fmt: skip
-    with atomic_path(os.path.join(args.out, "train_state.pt")) as tmp:
+    state = {"step": step, "trained": trained, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": rng_states, "settings": run_settings(args)}  # fmt: skip
+    with atomic_path(os.path.join(args.run_dir, "train_state.pt")) as tmp:
         torch.save(state, tmp)
     if args.rank > 0:
-        save_adapter(raw_model, os.path.join(args.out, "adapter.safetensors"))
+        save_adapter(raw_model, os.path.join(args.run_dir, "adapter.safetensors"))
     else:
-        raw_model.save_pretrained(args.out)
+        raw_model.save_pretrained(args.run_dir)
 
 
-def read_train_state(path: str, args: argparse.Namespace) -> dict:
+def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     """train_state.pt, refusing anything that is not a whole state written by this script for these settings."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -325,182 +394,200 @@ def read_train_state(path: str, args: argparse.Namespace) -> dict:
     keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
     if not isinstance(state, dict) or any(key not in state for key in keys):
         raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
-    if state["settings"] != run_settings(args):
+    if state["settings"] != settings:
         raise ValueError(f"{path} was written by a run with {state['settings']}; resume it with the same "
-                         "--init-from, --rank, --alpha, --targets and --lora-dropout")  # fmt: skip
+                         "--base, --rank, --alpha, --targets, --lora-dropout and --batching")  # fmt: skip
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many")
     return state
 
 
-def build_model(args: argparse.Namespace, meta: dict) -> GPT:
+def restore(state: dict, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            generator: torch.Generator, process: int, device: str) -> int:  # fmt: skip
+    """Put the trained weights, optimizer and this process's random states back; returns the step."""
+    trainable = {name: p for name, p in raw_model.named_parameters() if p.requires_grad}
+    if state["trained"].keys() != trainable.keys():
+        raise ValueError("train_state.pt holds other trained weights than this model's")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trained"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][process]
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["batches"])
+    if "cuda" in rng and device.startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return state["step"]
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def setup_processes(device: str) -> tuple[str, int, int]:
+    """(device, process rank, world size). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; each process
+    drives one device."""
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def build_model(base: str, args: argparse.Namespace, vocab_size: int, config: LoRAConfig | None) -> GPT:
     """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it (which freezes the base)."""
-    if args.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=meta["vocab_size"],
+    if base == "scratch":
+        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab_size,
                               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))  # fmt: skip
     else:
-        model = GPT.from_pretrained(args.init_from)
-    if model.config.vocab_size < meta["vocab_size"] or model.config.block_size < args.block_size:
+        model = GPT.from_pretrained(base)
+    if model.config.vocab_size < vocab_size or model.config.block_size < args.block_size:
         raise ValueError(
-            f"{args.data} needs vocab {meta['vocab_size']} and --block-size {args.block_size}; the model has "
+            f"{args.data} needs vocab {vocab_size} and --block-size {args.block_size}; the model has "
             f"vocab {model.config.vocab_size} and block size {model.config.block_size}"
         )
-    if args.rank > 0:
-        apply_lora(model, args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)  # freezes the base
-    return model
+    return apply_lora(model, config) if config else model
+
+
+def make_optimizer(model: GPT, lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices, not biases or LayerNorms."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.startswith("cuda"))
+
+
+def start_log(path: str, replaced: list[str], resume_step: int | None) -> None:
+    """The run folder is written from here on: --overwrite's old run goes whole, before this one
+    writes anything; on --resume the log keeps its records up to the checkpoint (a crash may have
+    logged more)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    for name in replaced:
+        os.remove(os.path.join(folder, name))
+    keep = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(keep)
+
+
+def log(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---- training ------------------------------------------------------------------------------------
 
 
 def train(args: argparse.Namespace) -> GPT:
-    # -- checks that need nothing loaded, so bad input fails before any file is touched
-    if args.rank < 0:
-        raise ValueError(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
-    if args.rank > 0:
-        LoRAConfig(args.rank, args.alpha, parse_targets(args.targets), args.lora_dropout)  # validates targets, α
-    if min(args.max_iters, args.batch_size, args.block_size, args.grad_accum, args.eval_interval, args.eval_iters) < 1:
-        raise ValueError("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters "
-                         "must be >= 1")
-    replaced = check_out_folder(args.out, args.resume, args.overwrite)
-
-    # -- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; each process drives one device
-    device = resolve_device(args.device)
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-    process_rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    is_main = process_rank == 0  # only the main process prints and writes files
+    replaced = check_run_folder(args.run_dir, args.resume, args.overwrite)  # bad input fails before any file is touched
+    config = lora_config(args)
+    device, process, world_size = setup_processes(resolve_device(args.device))
+    is_main = process == 0  # only the main process prints and writes files
     dtype = resolve_dtype(device, args.dtype)
     precision = autocast(device, dtype)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (Ampere and newer)
 
     # -- data
-    if distributed and not is_main:
+    if world_size > 1 and not is_main:
         dist.barrier()  # wait while the main process prepares the default data, if it must
     meta = open_data(args.data)
-    if distributed and is_main:
+    if world_size > 1 and is_main:
         dist.barrier()
-    train_split = load_split(args.data, "train", args.block_size, meta["eot_token"])
-    val_split = load_split(args.data, "val", args.block_size, meta["eot_token"])
+    padded = args.batching == "padded"
+    train_split, val_split = (load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val"))
+    if args.epochs is not None:
+        examples_per_step = args.batch_size * args.grad_accum * world_size
+        args.max_iters = max(1, math.ceil(args.epochs * len(train_split.examples) / examples_per_step))
 
-    # -- model: base, LoRA (freezes the base), device
+    # -- model: base, LoRA (freezes the base), device, optimizer
     torch.manual_seed(args.seed)
-    raw_model = build_model(args, meta).to(device)
+    raw_model = build_model(args.base, args, meta["vocab_size"], config).to(device)
     for split, name in ((train_split, "train"), (val_split, "val")):
-        check_token_ids(split, args.data, name, raw_model.config.vocab_size)
+        check_token_ids(split, os.path.join(args.data, f"{name}.bin"), raw_model.config.vocab_size)
     if is_main:
-        print(f"{args.init_from} + {f'LoRA r={args.rank} on {args.targets}' if args.rank else 'full fine-tuning'}: "
-              f"{parameter_summary(raw_model)}")  # fmt: skip
-
-    # -- optimizer over the trainable parameters; weight decay on matrices, not biases or LayerNorms
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=device.startswith("cuda"))
+        what = f"LoRA r={config.rank} on {','.join(config.targets)}" if config else "full fine-tuning"
+        print(f"{args.base} + {what}: {parameter_summary(raw_model)}")
+    optimizer = make_optimizer(raw_model, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # fp16 needs loss scaling
 
-    # -- state to resume from: optimizer, step, and each process's random generators
-    batch_generator = torch.Generator().manual_seed(args.seed + process_rank)  # each process its own batches
-    torch.manual_seed(args.seed + process_rank)  # dropout masks differ across processes too
+    # -- state to resume from, then compile and DDP (after freezing: DDP registers what needs gradients)
+    batch_generator = torch.Generator().manual_seed(args.seed + process)  # each process its own batches
+    torch.manual_seed(args.seed + process)  # dropout masks differ across processes too
+    state_path = os.path.join(args.run_dir, "train_state.pt")
     start_step = 0
     if args.resume:
-        state_path = os.path.join(args.out, "train_state.pt")
-        state = read_train_state(state_path, args)
-        if len(state["rng"]) != world_size:
-            raise ValueError(f"{state_path} was written by {len(state['rng'])} processes; resume with as many")
-        trainable_by_name = {name: p for name, p in raw_model.named_parameters() if p.requires_grad}
-        if state["trained"].keys() != trainable_by_name.keys():
-            raise ValueError(f"{state_path} holds other trained weights than this model's")
-        with torch.no_grad():
-            for name, p in trainable_by_name.items():
-                p.copy_(state["trained"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        rng = state["rng"][process_rank]
-        torch.set_rng_state(rng["torch"])
-        batch_generator.set_state(rng["batches"])
-        if "cuda" in rng and device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"], device)
-
-    # -- compile, then DDP (after freezing: DDP registers the parameters that need gradients)
+        state = read_train_state(state_path, run_settings(args), world_size)
+        start_step = restore(state, raw_model, optimizer, scaler, batch_generator, process, device)
     compiled = torch.compile(raw_model) if args.compile else raw_model
-    model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if distributed else compiled
+    model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else compiled
 
     # -- the loop
-    log_path = os.path.join(args.out, "log.jsonl")
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    if is_main:  # every input is checked: from here on the run folder is written
-        os.makedirs(args.out, exist_ok=True)
-        for name in replaced:  # --overwrite: the other run goes whole, before this one writes anything
-            os.remove(os.path.join(args.out, name))
-        keep = []  # on --resume, the log's records up to the checkpoint (a crash may have logged more)
-        if args.resume and os.path.exists(log_path):
-            with open(log_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with atomic_path(log_path) as tmp, open(tmp, "w") as f:
-            f.writelines(keep)
-
-    def log(record: dict) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    if is_main and start_step == 0:
-        log(dict(step=0, val_loss=evaluate(compiled, val_split, args, precision, device)))
+    log_path = os.path.join(args.run_dir, "log.jsonl")
+    val_batches = validation_batches(val_split, args, device)
+    if is_main:
+        start_log(log_path, replaced, start_step if args.resume else None)
+        if start_step == 0:
+            log(log_path, {"step": 0, "val_loss": evaluate(compiled, val_batches, precision)})
     model.train()
-    started, training_seconds = time.time(), 0.0  # the second leaves out evaluation and checkpoints
+    started, training_seconds, n_tokens, saved_step = time.time(), 0.0, 0, start_step if args.resume else None
     bar = tqdm(range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters,
-               disable=not is_main)
-    saved_step = start_step if args.resume else None
+               disable=not is_main)  # fmt: skip
+    step = start_step
     try:
         for step in bar:
             step_started = time.time()
             lr = learning_rate(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [get_batch(train_split, args.batch_size, args.block_size, batch_generator, device)
-                       for _ in range(args.grad_accum)]  # fmt: skip
-            train_loss = forward_backward(model, batches, precision, scaler)
+            batches = training_batches(train_split, args, step, process, world_size, batch_generator, device)
+            train_loss = forward_backward(model, batches, precision, scaler, args.label_smoothing)
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # for an honest tokens/s
             training_seconds += time.time() - step_started
-            tokens_per_s = tokens_per_step * (step + 1 - start_step) / training_seconds  # mean over this run
+            n_tokens += sum(x.numel() for x, _ in batches) * world_size
+            tokens_per_s = n_tokens / training_seconds  # mean over this run, padding included
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
 
             done = step + 1
             if done % args.eval_interval == 0 or done == args.max_iters:
                 states = [rng_state(batch_generator, device)]
-                if distributed:
+                if world_size > 1:
                     states = [None] * world_size
                     dist.all_gather_object(states, rng_state(batch_generator, device))
                 if is_main:
-                    val_loss = evaluate(compiled, val_split, args, precision, device)  # the main process's alone
+                    val_loss = evaluate(compiled, val_batches, precision)  # the main process's alone
                     bar.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-                    log(dict(step=done, train_loss=train_loss, val_loss=val_loss, lr=lr, tokens_per_s=round(tokens_per_s),
-                             elapsed_s=round(time.time() - started, 1)))  # fmt: skip
+                    log(log_path, {"step": done, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                                   "tokens_per_s": round(tokens_per_s), "elapsed_s": round(time.time() - started, 1)})  # fmt: skip
                     save_checkpoint(args, raw_model, optimizer, scaler, done, states)
                     saved_step = done
     except KeyboardInterrupt:
         bar.close()
-        where = (f"the last checkpoint is step {saved_step} in {args.out}: --resume continues from it"
+        where = (f"the last checkpoint is step {saved_step} in {args.run_dir}: --resume continues from it"
                  if saved_step is not None else "no checkpoint was written yet")  # fmt: skip
         print(f"train.py: interrupted at step {step}; {where}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
 
     if is_main and start_step < args.max_iters:
-        written = os.path.join(args.out, "adapter.safetensors" if args.rank > 0 else "model.safetensors")
+        written = os.path.join(args.run_dir, "adapter.safetensors" if config else "model.safetensors")
         print(f"{args.max_iters - start_step} steps in {time.time() - started:.0f} s, {tokens_per_s:,.0f} tokens/s "
               f"while training; wrote {written} ({os.path.getsize(written) / 1e6:.2f} MB)")  # fmt: skip
-    if distributed:
+    if world_size > 1:
         dist.destroy_process_group()
     return raw_model
 

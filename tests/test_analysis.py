@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from analysis import adapted_matrices, amplification, main, subspace_basis, subspace_similarity
+from lab.analysis import adapted_matrices, amplification, main, subspace_basis, subspace_similarity
 from conftest import TINY
-from lora import apply_lora, lora_layers, save_adapter
+from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT
 
 
@@ -147,7 +147,7 @@ def two_adapters(tmp_path):
     base.save_pretrained(str(tmp_path / "base"))
     paths = []
     for rank in (2, 4):
-        model = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), rank=rank, alpha=8, targets=("q", "v", "mlp"))
+        model = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=rank, alpha=8, targets=("q", "v", "mlp")))
         with torch.no_grad():
             for layer in lora_layers(model):
                 for B in layer.lora_B.values():
@@ -221,5 +221,5 @@ def test_bad_input_is_one_clear_error(two_adapters, tmp_path):
         main(["similarity", r2, r4, "--layers", "5"])
     with pytest.raises(SystemExit, match="adapt none of 'o'"):
         main(["similarity", r2, r4, "--targets", "o"])
-    with pytest.raises(SystemExit, match="analysis.py: error: .*missing"):
+    with pytest.raises(SystemExit, match="analysis: error: .*missing"):
         main(["amplification", str(tmp_path / "missing.safetensors")])

@@ -28,7 +28,7 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     out = tmp_path / "out"
-    argv = ["--model", str(tmp_path / "tiny"), "--device", "cpu", "--shapes", "1x8,2x16", "--train-shape", "2x8",
+    argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--shapes", "1x8,2x16", "--train-shape", "2x8",
             "--mixed", "3x4+3", "--trials", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
     returned = bench.main(argv)
 
@@ -64,7 +64,7 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--shapes", "4by256"], ["--model", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"]]
+    "argv", [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"]]
 )
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):

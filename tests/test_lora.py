@@ -5,6 +5,7 @@ import torch
 
 from conftest import TINY
 from lora import (
+    LoRAConfig,
     TARGETS, LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
     parameter_summary, read_adapter, save_adapter, unmerge_lora,
 )  # fmt: skip
@@ -26,14 +27,14 @@ def tokens(B=2, T=12):
 def test_adapted_model_equals_base_at_init(tiny_model):
     idx = tokens()
     base, _ = tiny_model(idx)
-    apply_lora(tiny_model, rank=4, alpha=8, targets=tuple(TARGETS))
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, targets=tuple(TARGETS)))
     adapted, _ = tiny_model(idx)
     assert torch.equal(base, adapted)
     assert all(torch.count_nonzero(A) > 0 for layer in lora_layers(tiny_model) for A in layer.lora_A.values())
 
 
 def test_only_A_and_B_train_and_both_get_gradients(tiny_model):
-    apply_lora(tiny_model, rank=4, alpha=8, targets=("q", "v", "o", "mlp"))
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, targets=("q", "v", "o", "mlp")))
     randomize_B(tiny_model)
     idx = tokens()
     _, loss = tiny_model(idx, idx)
@@ -54,14 +55,14 @@ def test_only_A_and_B_train_and_both_get_gradients(tiny_model):
 def test_trainable_count_is_sum_of_r_times_din_plus_dout(targets, expected):
     with torch.device("meta"):
         model = GPT(GPTConfig())
-    apply_lora(model, rank=4, targets=targets)
+    apply_lora(model, LoRAConfig(rank=4, targets=targets))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert parameter_summary(model).startswith(f"trainable {expected:,} / total {124_439_808 + expected:,}")
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_W0(tiny_model):
     W0 = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    apply_lora(tiny_model, rank=4, alpha=16, targets=("q", "k", "v", "o", "mlp"))
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=16, targets=("q", "k", "v", "o", "mlp")))
     randomize_B(tiny_model)
     idx = tokens()
     unmerged, _ = tiny_model(idx)
@@ -85,7 +86,7 @@ def test_same_output_as_loralib_merged_linear():
     theirs = loralib.MergedLinear(C, 3 * C, r=r, lora_alpha=alpha, enable_lora=[True, False, True], merge_weights=False)
     base = torch.nn.Linear(C, 3 * C)
     base.load_state_dict({"weight": theirs.weight.detach(), "bias": theirs.bias.detach()})
-    ours = LoRALinear(base, {"q": slice(0, C), "v": slice(2 * C, 3 * C)}, rank=r, alpha=alpha, dropout=0.0)
+    ours = LoRALinear(base, {"q": slice(0, C), "v": slice(2 * C, 3 * C)}, LoRAConfig(r, alpha))
     with torch.no_grad():
         ours.lora_B["q"].normal_()
         ours.lora_B["v"].normal_()
@@ -99,7 +100,7 @@ def test_same_output_as_loralib_merged_linear():
 
 
 def test_adapter_round_trip_holds_only_lora_tensors(tiny_model, tmp_path):
-    apply_lora(tiny_model, rank=2, alpha=4, targets=("q", "v", "mlp"))
+    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=("q", "v", "mlp")))
     randomize_B(tiny_model)
     path = str(tmp_path / "adapter.safetensors")
     save_adapter(tiny_model, path)
@@ -112,7 +113,7 @@ def test_adapter_round_trip_holds_only_lora_tensors(tiny_model, tmp_path):
             "mlp.c_fc.lora_A.mlp", "mlp.c_fc.lora_B.mlp", "mlp.c_proj.lora_A.mlp", "mlp.c_proj.lora_B.mlp",
         )
     }  # fmt: skip
-    assert metadata["lora_config"] == {"rank": 2, "alpha": 4, "targets": ("q", "v", "mlp"), "dropout": 0.0}
+    assert metadata["lora_config"] == LoRAConfig(rank=2, alpha=4, targets=("q", "v", "mlp"), dropout=0.0)
     assert metadata["base_config"]["n_embd"] == TINY.n_embd
 
     fresh = GPT(TINY).eval()
@@ -124,7 +125,7 @@ def test_adapter_round_trip_holds_only_lora_tensors(tiny_model, tmp_path):
 
 
 def test_saved_keys_have_no_compile_prefix(tiny_model, tmp_path):
-    apply_lora(tiny_model, rank=2)
+    apply_lora(tiny_model, LoRAConfig(rank=2))
     compiled = torch.compile(tiny_model, backend="eager")
     assert set(lora_state_dict(compiled)) == set(lora_state_dict(tiny_model))
     save_adapter(compiled, str(tmp_path / "a.safetensors"))
@@ -132,7 +133,7 @@ def test_saved_keys_have_no_compile_prefix(tiny_model, tmp_path):
 
 
 def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
-    apply_lora(tiny_model, rank=2)
+    apply_lora(tiny_model, LoRAConfig(rank=2))
     path = str(tmp_path / "adapter.safetensors")
     save_adapter(tiny_model, path)
     wider = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32))
@@ -155,7 +156,7 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
     merge_lora(tiny_model)
     save_adapter(tiny_model, path)  # a merged model fingerprints its W0, not W0 + ΔW
     load_adapter(bf16_copy.float(), path)
-    other_targets = apply_lora(GPT(TINY), rank=2, targets=("q", "k"))
+    other_targets = apply_lora(GPT(TINY), LoRAConfig(rank=2, targets=("q", "k")))
     other_targets.load_state_dict(tiny_model.state_dict(), strict=False)
     with pytest.raises(ValueError, match="rank 2, alpha 8.0 on q,v; the model's LoRA has rank 2, alpha 8.0 on q,k"):
         load_adapter(other_targets, path)
@@ -175,11 +176,11 @@ def test_a_file_that_is_not_safetensors_is_a_clear_error(tiny_model, tmp_path):
 ])  # fmt: skip
 def test_bad_lora_settings_are_clear_errors(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        apply_lora(tiny_model, **kwargs)
+        apply_lora(tiny_model, LoRAConfig(**kwargs))
 
 
 def test_compiles_without_graph_breaks_and_runs_under_autocast(tiny_model):
-    apply_lora(tiny_model, rank=2, targets=("q", "v", "o"))
+    apply_lora(tiny_model, LoRAConfig(rank=2, targets=("q", "v", "o")))
     randomize_B(tiny_model)
     idx = tokens()
     expected, _ = tiny_model(idx)
@@ -194,7 +195,7 @@ def test_bf16_unmerge_drifts_by_at_most_a_rounding_step(tiny_model):
     """What the unmerge docstring promises in low precision."""
     tiny_model.to(torch.bfloat16)
     W0 = tiny_model.transformer.h[0].attn.c_attn.weight.clone()
-    apply_lora(tiny_model, rank=4, alpha=8)
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8))
     randomize_B(tiny_model, std=0.05)
     merge_lora(tiny_model)
     unmerge_lora(tiny_model)

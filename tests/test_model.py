@@ -57,9 +57,13 @@ def test_loss_ignores_minus_one_targets(tiny_model):
     idx = torch.randint(0, TINY.vocab_size, (2, 6))
     targets = torch.randint(0, TINY.vocab_size, (2, 6))
     targets[:, :3] = -1
-    logits, loss = tiny_model(idx, targets)
+    logits, _ = tiny_model(idx)
+    no_logits, loss = tiny_model(idx, targets)
     expected = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), targets[:, 3:].flatten())
-    assert torch.allclose(loss, expected)
+    assert no_logits is None and torch.allclose(loss, expected)
+    _, smoothed = tiny_model(idx, targets, label_smoothing=0.1)
+    uniform = -torch.log_softmax(logits[:, 3:], dim=-1).mean()  # -Σ_k log p_k / K, averaged over the targets
+    assert torch.allclose(smoothed, 0.9 * expected + 0.1 * uniform, atol=1e-6)
 
 
 def test_bad_names_and_folders_are_clear_errors(tmp_path):
@@ -75,7 +79,7 @@ def test_offline_download_names_the_alternatives(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "could not fetch gpt2's weights" in result.stderr
-    assert "--init-from scratch" in result.stderr and "local folder" in result.stderr
+    assert "--base scratch" in result.stderr and "local folder" in result.stderr
 
 
 def test_sequence_longer_than_context_is_an_error(tiny_model):

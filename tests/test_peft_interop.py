@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, load_hf
-from lora import apply_lora, lora_layers, read_adapter, save_adapter
+from lora import LoRAConfig, apply_lora, lora_layers, read_adapter, save_adapter
 from model import GPT
-from peft_interop import export_peft, import_peft, main
+from lab.peft_interop import export_peft, import_peft, main
 
 peft = pytest.importorskip("peft")
 
@@ -39,7 +39,7 @@ def peft_logits(hf_folder, peft_folder):
     [(2, 8, ("q", "v")), (3, 5, ("k",)), (2, 4, ("q", "k", "v", "o", "mlp"))],
 )
 def test_exported_adapter_gives_our_logits_in_peft(hf_folder, tmp_path, rank, alpha, targets):
-    ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), rank=rank, alpha=alpha, targets=targets)
+    ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), LoRAConfig(rank=rank, alpha=alpha, targets=targets))
     randomize(ours)
     adapter = str(tmp_path / "adapter.safetensors")
     save_adapter(ours, adapter)
@@ -65,7 +65,7 @@ def test_exported_adapter_gives_our_logits_in_peft(hf_folder, tmp_path, rank, al
 
 
 def test_export_from_a_model_equals_export_from_its_file(hf_folder, tmp_path):
-    ours = apply_lora(GPT.from_pretrained(hf_folder), rank=2, targets=("q", "v"))
+    ours = apply_lora(GPT.from_pretrained(hf_folder), LoRAConfig(rank=2, targets=("q", "v")))
     randomize(ours)
     save_adapter(ours, str(tmp_path / "adapter.safetensors"))
     from_model = export_peft(ours, str(tmp_path / "a"))
@@ -77,7 +77,7 @@ def test_export_from_a_model_equals_export_from_its_file(hf_folder, tmp_path):
 
 
 def test_round_trip_gives_back_the_same_adapter(hf_folder, tmp_path):
-    ours = apply_lora(GPT.from_pretrained(hf_folder), rank=2, alpha=6, targets=("q", "v", "mlp"))
+    ours = apply_lora(GPT.from_pretrained(hf_folder), LoRAConfig(rank=2, alpha=6, targets=("q", "v", "mlp")))
     randomize(ours)
     save_adapter(ours, str(tmp_path / "adapter.safetensors"))
     export_peft(str(tmp_path / "adapter.safetensors"), str(tmp_path / "peft"))
@@ -122,19 +122,19 @@ def test_peft_adapter_imported_here_gives_peft_logits(hf_folder, tmp_path, use_r
 
 
 def test_command_line_and_clear_errors(hf_folder, tmp_path, capsys):
-    ours = apply_lora(GPT.from_pretrained(hf_folder), rank=2, targets=("q", "v"))
+    ours = apply_lora(GPT.from_pretrained(hf_folder), LoRAConfig(rank=2, targets=("q", "v")))
     save_adapter(ours, str(tmp_path / "adapter.safetensors"))
     main(["export", str(tmp_path / "adapter.safetensors"), "--out", str(tmp_path / "peft")])
     assert "attn.c_attn (rank 4)" in capsys.readouterr().out
     main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors")])  # base from the config
     assert read_adapter(str(tmp_path / "back.safetensors"))[1]["base"] == hf_folder
 
-    with pytest.raises(SystemExit, match="peft_interop.py: error: .*adapter_config.json"):
+    with pytest.raises(SystemExit, match="peft_interop: error: .*adapter_config.json"):
         main(["import", str(tmp_path), "--base", hf_folder, "--out", str(tmp_path / "x.safetensors")])
     weights_path = tmp_path / "peft" / "adapter_model.safetensors"
     weights = weights_path.read_bytes()
     weights_path.write_text("not safetensors")
-    with pytest.raises(SystemExit, match="peft_interop.py: error: .*adapter_model.safetensors is not a safetensors file"):
+    with pytest.raises(SystemExit, match="peft_interop: error: .*adapter_model.safetensors is not a safetensors file"):
         main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "x.safetensors")])
     weights_path.write_bytes(weights)
     config_path = tmp_path / "peft" / "adapter_config.json"

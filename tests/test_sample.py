@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lora import apply_lora, lora_layers, save_adapter
+from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT, GPTConfig
+from lab import multi_adapter
 from sample import main
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -34,7 +35,7 @@ def runs(tmp_path, monkeypatch) -> dict[str, str]:
             if "ln_" not in name and not name.endswith("bias"):
                 p.normal_(0, 1.0)
     base.save_pretrained("base")
-    model = apply_lora(GPT.from_pretrained("base"), rank=2, alpha=4)
+    model = apply_lora(GPT.from_pretrained("base"), LoRAConfig(rank=2, alpha=4))
     for name in ("a", "b"):
         with torch.no_grad():
             for layer in lora_layers(model):
@@ -45,13 +46,15 @@ def runs(tmp_path, monkeypatch) -> dict[str, str]:
     return {"base": "base", "a": "run_a/adapter.safetensors", "b": "run_b/adapter.safetensors"}
 
 
-def samples(capsys, argv: list[str]) -> list[str]:
-    """The texts sample.py prints (without their headers), after checking its tokens/s line."""
-    main(argv)
+def samples(capsys, argv: list[str], script=main) -> list[str]:
+    """The texts sample.py (or lab/multi_adapter.py) prints, without their headers, after checking
+    sample.py's tokens/s line."""
+    script(argv)
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"\d+ tokens in [\d.]+ s: [\d,.]+ tokens/s \(.*\)", lines[-1]), lines[-1]
+    if script is main:
+        assert re.fullmatch(r"\d+ tokens in [\d.]+ s: [\d,.]+ tokens/s \(.*\)", lines.pop()), lines
     texts, current = [], None
-    for line in lines[:-1]:
+    for line in lines:
         if line.startswith("--- ") and line.endswith(" ---"):
             current = len(texts)
             texts.append("")
@@ -61,9 +64,9 @@ def samples(capsys, argv: list[str]) -> list[str]:
 
 
 def test_greedy_text_is_the_same_merged_or_not(runs, capsys):
-    unmerged = samples(capsys, ["--out", "run_a", "--prompt", "Hello there", *GREEDY])
-    merged = samples(capsys, ["--out", "run_a", "--prompt", "Hello there", "--merge", *GREEDY])
-    base = samples(capsys, ["--init-from", runs["base"], "--prompt", "Hello there", *GREEDY])
+    unmerged = samples(capsys, ["--run-dir", "run_a", "--prompt", "Hello there", *GREEDY])
+    merged = samples(capsys, ["--run-dir", "run_a", "--prompt", "Hello there", "--merge", *GREEDY])
+    base = samples(capsys, ["--base", runs["base"], "--prompt", "Hello there", *GREEDY])
     assert unmerged == merged and len(unmerged) == 1 and unmerged[0].startswith("Hello there")
     assert base != merged  # the adapter changes the text
     assert len(set(tiktoken.get_encoding("gpt2").encode(merged[0]))) > 4  # and it is not one token over and over
@@ -73,19 +76,19 @@ def test_one_batch_of_several_adapters_equals_each_adapter_alone(runs, capsys):
     prompts = ["--prompt", "To be", "--prompt", "FILE:prompt.txt"]
     with open("prompt.txt", "w") as f:
         f.write("a longer prompt, read from a file")
-    adapters = ["--adapter", runs["a"], "--adapter", runs["b"]]
-    batched = samples(capsys, [*adapters, *prompts, *GREEDY, "--num-samples", "2"])
-    merged = samples(capsys, [*adapters, *prompts, *GREEDY, "--merge"])
     alone_a = samples(capsys, ["--adapter", runs["a"], "--prompt", "To be", *GREEDY])
-    alone_b = samples(capsys, ["--out", "run_b", "--prompt", "FILE:prompt.txt", *GREEDY])
-    assert batched == [alone_a[0], alone_a[0], alone_b[0], alone_b[0]]
-    assert merged == alone_a + alone_b
+    alone_b = samples(capsys, ["--run-dir", "run_b", "--prompt", "FILE:prompt.txt", *GREEDY])
+    adapters = ["--adapter", runs["a"], "--adapter", runs["b"], "--prompt", "To be", "--prompt", "a longer prompt, read from a file", "--max-new-tokens", "10"]
+    assert samples(capsys, adapters, multi_adapter.main) == alone_a + alone_b
+    assert samples(capsys, [*adapters, "--merge"], multi_adapter.main) == alone_a + alone_b
     assert alone_b[0].startswith("a longer prompt, read from a file")
+    with pytest.raises(SystemExit, match="multi_adapter: error: give one --prompt or one per --adapter: 3 for 2"):
+        multi_adapter.main([*adapters, "--prompt", "3"])
 
 
 def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(runs, capsys):
     long_prompt = " ".join(str(i) for i in range(40))  # about 80 tokens, the context is 32
-    main(["--out", "run_a", "--prompt", long_prompt, *GREEDY])
+    main(["--run-dir", "run_a", "--prompt", long_prompt, *GREEDY])
     out = capsys.readouterr().out
     note = r"note: prompt 1 has \d+ tokens, more than the context \(32\); the model sees only its last 32"
     assert re.search(note, out)
@@ -94,15 +97,13 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(runs, capsys):
 
 def test_a_rank_0_run_is_the_model_itself(runs, capsys):
     GPT.from_pretrained("base").save_pretrained("run_full")  # what train.py --rank 0 writes
-    assert samples(capsys, ["--out", "run_full", *GREEDY]) == samples(capsys, ["--init-from", "base", *GREEDY])
+    assert samples(capsys, ["--run-dir", "run_full", *GREEDY]) == samples(capsys, ["--base", "base", *GREEDY])
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--out", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
+    (["--run-dir", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
     ([], "out holds neither"),
-    (["--adapter", "run_a/adapter.safetensors", "--adapter", "run_b/adapter.safetensors", "--prompt", "1",
-      "--prompt", "2", "--prompt", "3"], "3 prompts for 2 adapters"),
-    (["--adapter", "run_a/adapter.safetensors", "--init-from", "other"], "another base"),
+    (["--adapter", "run_a/adapter.safetensors", "--base", "other"], "another base"),
     (["--adapter", "missing.safetensors"], "No such file"),
     (["--adapter", "base/config.json"], "base/config.json is not a safetensors file"),
 ])  # fmt: skip

@@ -21,7 +21,7 @@ from model import GPT, GPTConfig
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
 CHAR_VOCAB = 128  # the tests' corpus is tiny Shakespeare, one token per ASCII character
 BASE = GPTConfig(block_size=32, vocab_size=CHAR_VOCAB, n_layer=2, n_head=2, n_embd=128)
-SCRATCH = ["--init-from", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+SCRATCH = ["--base", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 TINY_RUN = ["--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--eval-iters", "4", "--warmup-iters", "5",
             "--device", "cpu"]  # fmt: skip
 
@@ -57,7 +57,7 @@ def read_log(out) -> list[dict]:
 def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
     out = str(tmp_path / "out")
     run = [*SCRATCH, "--rank", "0", "--lr", "3e-3", *TINY_RUN, "--max-iters", "40", "--eval-interval", "20"]
-    train.main([*run, "--data", char_data, "--out", out])
+    train.main([*run, "--data", char_data, "--run-dir", out])
     log = read_log(out)
     assert [record["step"] for record in log] == [0, 20, 40]
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # from ln(128) = 4.85 at random init
@@ -67,8 +67,8 @@ def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
 
 def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder):
     out = str(tmp_path / "out")
-    run = ["--init-from", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
-    model = train.main([*run, "--data", char_data, "--out", out])
+    run = ["--base", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
+    model = train.main([*run, "--data", char_data, "--run-dir", out])
     base = GPT.from_pretrained(base_folder).state_dict()
     trained = model.state_dict()
     for key, weight in base.items():
@@ -97,7 +97,7 @@ def test_pairs_loss_is_the_mean_over_target_tokens_of_the_whole_step(tmp_path):
 
     batches, generator = {}, torch.Generator().manual_seed(0)
     while len(batches) < 2:  # draw until windows on both kinds of example came up
-        x, y = train.get_batch(split, 1, 6, generator, "cpu")
+        x, y = train.packed_batch(split, 1, 6, generator, "cpu")
         batches[x[0, 0].item()] = (x, y)
     (x1, y1), (x2, y2) = batches[1], batches[7]
     assert x1.tolist() == [[1, 2, 3, 4, 5, 6]] and y1.tolist() == [[-1, -1, -1, 5, 6, 100]]
@@ -130,17 +130,17 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkey
     run = [*SCRATCH, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--data", char_data,
            "--max-iters", "40", "--eval-interval", "20"]  # fmt: skip
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.main([*run, "--out", straight])
+    train.main([*run, "--run-dir", straight])
 
     def die_while_writing_the_adapter(model, path):
         raise Killed  # killed at step 20, after train_state.pt and before the adapter beside it
 
     monkeypatch.setattr(train, "save_adapter", die_while_writing_the_adapter)
     with pytest.raises(Killed):
-        train.main([*run, "--out", resumed])
+        train.main([*run, "--run-dir", resumed])
     assert sorted(os.listdir(resumed)) == ["log.jsonl", "train_state.pt"]  # the checkpoint is the state alone
     monkeypatch.undo()
-    train.main([*run, "--out", resumed, "--resume"])
+    train.main([*run, "--run-dir", resumed, "--resume"])
 
     assert [r["step"] for r in read_log(resumed)] == [0, 20, 40]
     assert read_log(resumed)[-1]["val_loss"] == read_log(straight)[-1]["val_loss"]
@@ -166,7 +166,7 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(worker), *SCRATCH, "--rank", "4", *TINY_RUN,
-               "--data", char_data, "--out", out, "--max-iters", "4", "--eval-interval", "4"]  # fmt: skip
+               "--data", char_data, "--run-dir", out, "--max-iters", "4", "--eval-interval", "4"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -207,10 +207,9 @@ def bad_data(folder, case: str) -> str:
         (["--data", "{data}/meta-without-key"], "meta.json has no 'eot_token'"),
         (["--data", "{data}/mask-length"], "train_mask.bin has 10 entries for the 18000 tokens"),
         (["--data", "{data}/ids-beyond-vocab"], "val.bin holds token id 500, beyond the model's vocabulary of 128"),
-        (["--rank", "-1"], "--rank must be >= 0"),
         (["--targets", "q,query"], "query"),
-        (["--init-from", "gpt3"], "unknown model 'gpt3'"),
-        (["--init-from", "{tmp}"], "is not a GPT-2 checkpoint folder"),
+        (["--base", "gpt3"], "unknown model 'gpt3'"),
+        (["--base", "{tmp}"], "is not a GPT-2 checkpoint folder"),
     ],
 )
 def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args, message):
@@ -226,7 +225,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args,
         if arg.startswith("{data}/"):
             bad_data(data, arg.removeprefix("{data}/"))
     # --overwrite: even the run it would replace stays whole until every input has been checked
-    argv = ["--init-from", "scratch", "--data", char_data, *TINY_RUN, "--out", str(out), "--overwrite"]
+    argv = ["--base", "scratch", "--data", char_data, *TINY_RUN, "--run-dir", str(out), "--overwrite"]
     with pytest.raises(SystemExit) as exit:
         train.main(argv + [a.format(tmp=tmp_path / "empty", data=data) for a in args])
     assert str(exit.value).startswith("train.py: error: ") and message in str(exit.value), exit.value
@@ -238,10 +237,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, char_data, args,
 
 def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, char_data, capsys):
     out = str(tmp_path / "out")
-    lora_run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", out]
+    lora_run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--run-dir", out]
     train.main(lora_run)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    full_run = [*SCRATCH, "--rank", "0", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", out]
+    full_run = [*SCRATCH, "--rank", "0", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--run-dir", out]
     with pytest.raises(SystemExit, match="holds another run .* --resume continues it, --overwrite replaces it"):
         train.main(full_run)
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
@@ -251,7 +250,9 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
     with pytest.raises(SystemExit, match="was written by a run with"):
         train.main([*lora_run, "--resume"])  # another run's settings
     for argv, message in (([*full_run, "--resume", "--overwrite"], "choose one"),
-                          ([*full_run, "--targets", "q"], "--targets configure LoRA, but --rank 0")):  # fmt: skip
+                          ([*full_run, "--targets", "q"], "--targets configure LoRA, but --rank 0"),
+                          ([*full_run, "--rank", "-1"], "--rank must be >= 0"),
+                          ([*full_run, "--epochs", "2"], "--epochs counts passes over whole examples")):  # fmt: skip
         with pytest.raises(SystemExit):
             train.main(argv)
         assert message in capsys.readouterr().err
@@ -267,7 +268,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 )
 def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, content, message):
     out = tmp_path / "out"
-    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--out", str(out)]
+    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--run-dir", str(out)]
     train.main(run)
     state = out / "train_state.pt"
     if content == "truncate":
@@ -309,11 +310,11 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(tmp_path, char_d
 
     monkeypatch.setattr(train, "forward_backward", interrupted_at_the_fourth_step)
     with pytest.raises(SystemExit) as exit:
-        train.main([*run, "--out", out])
+        train.main([*run, "--run-dir", out])
     assert exit.value.code == 130
     assert f"train.py: interrupted at step 3; the last checkpoint is step 2 in {out}: --resume continues" in (
         capsys.readouterr().err
     )
     monkeypatch.setattr(train, "forward_backward", forward_backward)
-    train.main([*run, "--out", out, "--resume"])
+    train.main([*run, "--run-dir", out, "--resume"])
     assert [r["step"] for r in read_log(out)] == [0, 2, 4, 6]

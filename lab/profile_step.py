@@ -1,6 +1,6 @@
 """Where a training step's time goes on a GPU: LoRA r=4 on q,v against full fine-tuning.
 
-    PYTHONPATH=. python docs/profile_step.py
+    python -m lab.profile_step
 
 GPT-2 medium (random weights), one batch of 8 x 512 tokens, bf16 autocast, fused AdamW: the
 training shape of `bench.py --device cuda`. Prints the median step time over 10 steps, then
@@ -14,15 +14,16 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lora import apply_lora
-from model import GPT, PRETRAINED, autocast
+from lora import LoRAConfig, apply_lora
+from model import GPT, PRETRAINED
+from utils import autocast
 
 for rank in (0, 4):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = GPT(PRETRAINED["gpt2-medium"])
     if rank:
-        apply_lora(model, rank, 8.0, ("q", "v"))
+        apply_lora(model, LoRAConfig(rank))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     x = torch.randint(model.config.vocab_size, (8, 512), device="cuda")
 

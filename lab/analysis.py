@@ -36,12 +36,11 @@ import sys
 
 import torch
 
-from lora import TARGETS, LoRALinear, load_adapter, parse_targets, read_adapter
-from model import GPT, atomic_path
+from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, parse_targets, read_adapter
+from model import GPT
+from utils import atomic_path
 
 # ---- which matrices an adapter adapts ------------------------------------------------------------
-
-ADAPTER_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
 
 
 def matrix_name(module: str, target: str) -> str:
@@ -49,15 +48,15 @@ def matrix_name(module: str, target: str) -> str:
     return module if target == "mlp" else target
 
 
-MATRICES = [matrix_name(module, target) for target, entries in TARGETS.items() for module, _, _ in entries]
+MATRICES = [matrix_name(where.module, target) for target, places in TARGETS.items() for where in places]
 
 
 def adapted_matrices(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """{(layer, matrix name): (A, B)} from an adapter's tensors (`transformer.h.0.attn.c_attn.lora_A.q`...)."""
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        layer, module, which, target = ADAPTER_KEY.fullmatch(key).groups()
-        found.setdefault((int(layer), matrix_name(module, target)), {})[which] = tensor
+        layer, module, which, target = parse_adapter_key(key)
+        found.setdefault((layer, matrix_name(module, target)), {})[which] = tensor
     in_order = sorted(found, key=lambda key: (key[0], MATRICES.index(key[1])))  # q, k, v, o, mlp.c_fc, mlp.c_proj
     return {key: (found[key]["A"], found[key]["B"]) for key in in_order}
 
@@ -125,7 +124,7 @@ def similarity(
         raise ValueError(f"{path1} and {path2} adapt bases of different shapes: nothing to compare")
     matrices1, matrices2 = adapted_matrices(tensors1), adapted_matrices(tensors2)
     common = [key for key in matrices1 if key in matrices2]
-    scalings = [m["lora_config"]["alpha"] / m["lora_config"]["rank"] for m in (meta1, meta2)]
+    scalings = [m["lora_config"].scaling for m in (meta1, meta2)]
     records = []
     for layer, name in select(common, meta1["base_config"]["n_layer"], layers, targets):
         U1 = subspace_basis(*matrices1[(layer, name)], scalings[0], of)
@@ -241,7 +240,7 @@ def format_table(results: list[dict]) -> str:
 
 def run_similarity(args: argparse.Namespace) -> None:
     records, metadata = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
-    labels = tuple(f"r = {m['lora_config']['rank']}" for m in metadata)
+    labels = tuple(f"r = {m['lora_config'].rank}" for m in metadata)
     if labels[0] == labels[1]:
         labels = ("adapter 1", "adapter 2")
     for r in records:
@@ -255,7 +254,7 @@ def run_similarity(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     summary = dict(
         paper="LoRA §7.2, eq. 4: phi[i-1][j-1] = ‖U1_iᵀ U2_j‖²_F / min(i, j); random subspaces: ≈ max(i, j)/dim",
-        of=args.of, adapters=[args.adapter1, args.adapter2], ranks=[m["lora_config"]["rank"] for m in metadata],
+        of=args.of, adapters=[args.adapter1, args.adapter2], ranks=[m["lora_config"].rank for m in metadata],
         results=[dict(r, phi=r["phi"].tolist()) for r in records],
     )  # fmt: skip
     path = os.path.join(args.out, "similarity.json")
@@ -275,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         "(Fig. 3/4) and how ΔW relates to W (Table 7).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python analysis.py similarity out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors\n"
-        "  python analysis.py amplification out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors",
+        "  python -m lab.analysis similarity out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors\n"
+        "  python -m lab.analysis amplification out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (ValueError, OSError) as e:
-        sys.exit(f"analysis.py: error: {e}")
+        sys.exit(f"analysis: error: {e}")
 
 
 if __name__ == "__main__":

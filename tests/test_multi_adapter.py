@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY
+from lab.multi_adapter import adapter_per_row, add_adapter, banked_layers, set_adapter
 from lora import (
-    adapter_per_row, add_adapter, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora, read_adapter,
-    save_adapter, set_adapter, unmerge_lora,
+    LoRAConfig, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora, read_adapter, save_adapter,
+    unmerge_lora,
 )  # fmt: skip
 from model import GPT
 
@@ -27,7 +28,7 @@ def randomize_adapter(model: GPT, seed: int) -> None:
 def two_adapter_files(tiny_model, tmp_path) -> tuple[GPT, list[str]]:
     """The tiny base (its weights kept as they are) and two adapter files trained on it."""
     base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    apply_lora(tiny_model, rank=2, alpha=4, targets=TARGETS)
+    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=TARGETS))
     paths = []
     for seed, name in enumerate("ab"):
         randomize_adapter(tiny_model, seed)
@@ -123,11 +124,11 @@ def test_a_banked_adapter_is_a_copy_that_later_loads_and_training_leave_alone(tw
 
 
 def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alone(tiny_model):
-    apply_lora(tiny_model, rank=2, alpha=4, targets=("q", "v"))
+    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=("q", "v")))
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_adapter(tiny_model, seed)
         add_adapter(tiny_model, name)  # a copy of the active adapter
-    banks = [p for layer in lora_layers(tiny_model) for p in [*layer.bank_A.values(), *layer.bank_B.values()]]
+    banks = [p for _, layer in banked_layers(tiny_model) for p in [*layer.bank_A.values(), *layer.bank_B.values()]]
     for p in banks:
         p.requires_grad_(True)
     idx = torch.randint(0, TINY.vocab_size, (3, 8))
@@ -152,7 +153,7 @@ def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alon
 
 def test_adapter_mistakes_are_clear_errors(two_adapter_files):
     base, (a, _) = two_adapter_files
-    other = apply_lora(base_only(base.state_dict()), rank=4, targets=TARGETS)
+    other = apply_lora(base_only(base.state_dict()), LoRAConfig(rank=4, targets=TARGETS))
     with pytest.raises(ValueError, match="has rank 2"):
         add_adapter(other, "a", a)
     with pytest.raises(ValueError, match="no LoRA layers"):

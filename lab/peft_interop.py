@@ -26,8 +26,8 @@ blocks of B_peft ((B·A)'s row block is B_block·A). Modules of lower rank are p
 (extra rows of A keep their fresh init, the matching columns of B are zero, so they add nothing),
 and each module's scaling is folded into its B, so one α/r fits all.
 
-    python peft_interop.py export out/adapter.safetensors --out out/peft
-    python peft_interop.py import out/peft --base gpt2 --out out/from-peft.safetensors
+    python -m lab.peft_interop export out/adapter.safetensors --out out/peft
+    python -m lab.peft_interop import out/peft --base gpt2 --out out/from-peft.safetensors
 """
 
 from __future__ import annotations
@@ -44,27 +44,27 @@ import torch
 from safetensors.torch import save_file
 
 from lora import (
-    TARGETS, LoRAConfig, apply_lora, lora_state_dict, open_safetensors, read_adapter, save_adapter, unwrap,
+    TARGETS, LoRAConfig, apply_lora, lora_state_dict, open_safetensors, parse_adapter_key, read_adapter, save_adapter,
 )  # fmt: skip
-from model import GPT, PRETRAINED, atomic_path
+from model import GPT, PRETRAINED
+from utils import atomic_path, unwrap
 
 PEFT_PREFIX = "base_model.model."
 HUB_ORGANISATION = "openai-community/"  # where the hub keeps gpt2, gpt2-medium, ...
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-OUR_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
 PEFT_KEY = re.compile(
     r"(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight"
 )
 
 
 def parts_of(module: str, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    """The (target, row block, number of blocks) that `targets` put on `module`, in TARGETS order."""
-    return [(t, index, n_blocks) for t in targets for m, index, n_blocks in TARGETS[t] if m == module]
+    """The (target, chunk of rows, number of chunks) that `targets` put on `module`, in TARGETS order."""
+    return [(t, where.chunk, where.n_chunks) for t in targets for where in TARGETS[t] if where.module == module]
 
 
 def modules_of(targets: tuple[str, ...]) -> list[str]:
     """The modules `targets` adapt, each once: ('q', 'v', 'mlp') -> ['attn.c_attn', 'mlp.c_fc', 'mlp.c_proj']."""
-    return list(dict.fromkeys(m for t in targets for m, _, _ in TARGETS[t]))
+    return list(dict.fromkeys(where.module for t in targets for where in TARGETS[t]))
 
 
 # ---- export: ours -> PEFT ---------------------------------------------------------------------------
@@ -76,12 +76,13 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
     LoRA. Returns the PEFT config written."""
     if isinstance(adapter, str):
         tensors, metadata = read_adapter(adapter)
-        config, base = LoRAConfig(**metadata["lora_config"]), metadata["base"]
+        config, base = metadata["lora_config"], metadata["base"]
     else:
         raw = unwrap(adapter)
         tensors = {k: v.detach().cpu() for k, v in lora_state_dict(raw).items()}
         config, base = raw.lora_config, raw.name_or_path
-    r, n_layer = config.rank, 1 + max(int(OUR_KEY.fullmatch(k).group(1)) for k in tensors)
+    config.require_only({"rank", "alpha", "targets", "dropout"}, "the PEFT export")
+    r, n_layer = config.rank, 1 + max(parse_adapter_key(k)[0] for k in tensors)
     peft_tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for module in modules_of(config.targets):
         parts = parts_of(module, config.targets)
@@ -168,16 +169,16 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
     if any(layer >= n_layer for layer, _ in pairs):
         raise ValueError(f"{folder} adapts layer {max(l for l, _ in pairs)}, but the base has {n_layer} layers")
     if ours is not None:  # our own export: undo the stacking
-        config = LoRAConfig(**{**ours, "targets": tuple(ours["targets"])})
+        config = LoRAConfig.from_dict(ours, folder)
     else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
         adapted_modules = {module for _, module in pairs}
-        targets = tuple(t for t, entries in TARGETS.items() if any(m in adapted_modules for m, _, _ in entries))
+        targets = tuple(t for t, places in TARGETS.items() if any(where.module in adapted_modules for where in places))
         rank = max(A.shape[0] for A, _ in pairs.values())
         # our α/r is PEFT's default scaling; modules with another fold the ratio into B
         alpha = peft_scaling(peft_config, peft_config.get("lora_alpha", 8), peft_config.get("r", rank)) * rank
         config = LoRAConfig(rank, alpha, targets, peft_config.get("lora_dropout", 0.0))
-    apply_lora(model, config.rank, config.alpha, config.targets, config.dropout)
-    scaling = config.alpha / config.rank
+    apply_lora(model, config)
+    scaling = config.scaling
     with torch.no_grad():
         for layer_index, block in enumerate(model.transformer.h):
             for module in modules_of(config.targets):
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         "Both directions are exact: the adapted model gives the same outputs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python peft_interop.py export out/adapter.safetensors --out out/peft\n"
-        "  python peft_interop.py import out/peft --out out/from-peft.safetensors   # base from adapter_config.json\n"
+        "  python -m lab.peft_interop export out/adapter.safetensors --out out/peft\n"
+        "  python -m lab.peft_interop import out/peft --out out/from-peft.safetensors   # base from adapter_config.json\n"
         "then, in Python: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
                   f"base {model.name_or_path}")  # fmt: skip
     except (ValueError, OSError) as e:
-        sys.exit(f"peft_interop.py: error: {e}")
+        sys.exit(f"peft_interop: error: {e}")
 
 
 if __name__ == "__main__":

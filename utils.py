@@ -1,0 +1,66 @@
+"""Small helpers the scripts share: where and in what precision to run, and files written atomically.
+Nothing here knows about GPT-2 or LoRA."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """The autocast dtype. 'auto': bfloat16 where CUDA supports it, else float16 (train with a
+    GradScaler); float32 on the CPU, where low-precision autocast is slower than it saves."""
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision on the matmuls (weights stay fp32); a no-op context for float32."""
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU, so that a timer measures the work and not its queueing."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under torch.compile's `_orig_mod` and DDP's `module`, so saved keys carry neither."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the body succeeds,
+    so a crash never leaves a half-written file where a good one was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
