@@ -132,7 +132,12 @@ def test_read_grouped_references(tmp_path):
     path.write_text("a\n\n\nb\n")
     with pytest.raises(ValueError, match="line 3: a blank line that ends no instance"):
         read_grouped_references(path)
-    assert len(example_instances()[1]) == 10
+
+
+def test_read_the_official_example():
+    predictions, references = example_instances()
+    assert len(predictions) == len(references) == 10
+    assert predictions[0] == "Alimentum is located in the city centre. It is not family-friendly."
 
 
 def test_missing_java_is_one_clear_error(tmp_path, monkeypatch):
