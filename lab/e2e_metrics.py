@@ -214,8 +214,8 @@ def score(predictions: list[str], references: list[list[str]], java: bool = True
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="e2e_metrics",
-        description="Score E2E NLG outputs with BLEU, NIST, METEOR, ROUGE-L and CIDEr, as the challenge's "
-        "official measure_scores.py -p does. METEOR, ROUGE-L and CIDEr need Java and pycocoevalcap.",
+        description="Score E2E NLG outputs with BLEU, NIST, METEOR, ROUGE-L and CIDEr, as the challenge's official\n"
+        "measure_scores.py -p does. METEOR, ROUGE-L and CIDEr need Java and pycocoevalcap (pip install pycocoevalcap).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m lab.e2e_metrics devel-conc.txt baseline-output.txt\n"
