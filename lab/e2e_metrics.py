@@ -1,7 +1,7 @@
 """The E2E NLG challenge's five metrics, computed as the official script computes them.
 
-The official scorer is `measure_scores.py` of tuetschek/e2e-metrics. The LoRA paper's E2E tables come from
-it run with `-p` ("python mode"), and so do ours:
+The official scorer is `measure_scores.py` of tuetschek/e2e-metrics. The LoRA paper's authors ran it with `-p`
+("python mode"), which this file follows:
 
 - BLEU and NIST from its Python port of mteval-v13a, `metrics/pymteval.py`: mteval's own tokenization,
   case-insensitive n-gram matching, corpus-level counts, no smoothing. We port the two scorers below.
