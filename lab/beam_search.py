@@ -35,10 +35,14 @@ def beam_search(
     length_penalty: a finished hypothesis of n generated tokens (EOS counted) scores
     sum_logprobs / n ** length_penalty; above 0 favours longer ones.
     no_repeat_ngram_size: no n-gram of this size occurs twice in prompt + continuation (0: off).
-    eos_token_id: the id, or ids, that end a hypothesis.
+    eos_token_id: the id, or ids, that end a hypothesis (an empty list: none, every hypothesis runs
+    to max_new_tokens). The LoRA authors' E2E command line ends at 50256 and at 628, "\\n\\n".
     early_stopping: False (transformers' default) stops a prompt once num_beams hypotheses are
     finished and the best running one, scored at its current length, is no better than the worst
-    finished; True stops it as soon as num_beams hypotheses are finished.
+    finished; True stops it as soon as num_beams hypotheses are finished. ("never" is not offered.)
+
+    Prompts advance together, num_beams rows each, one forward pass a step on a KV cache; the
+    search ends when every prompt is done.
     """
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     B, K, V = len(prompts), num_beams, model.config.vocab_size
@@ -74,9 +78,9 @@ def beam_search(
             logp = ban_repeated_ngrams(seqs.view(B * K, T)[:, :filled], logp, no_repeat_ngram_size)
         top, index = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(width)  # (B, width), best first
         parent, token = index // V, index % V
-        generated = [filled + 1 - n for n in lengths]  # each prompt's tokens with this one (< 1: in its prompt)
+        generated = [filled + 1 - n for n in lengths]  # tokens generated with this step's (< 1: in the prompt)
         at_max = torch.tensor(generated, device=device)[:, None] == max_new_tokens  # (B, 1)
-        ends = torch.isin(token, torch.tensor(eos, device=device)) | at_max  # (B, width)
+        ends = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=device)) | at_max  # (B, width)
         running = top + ends.float() * NONE  # those that end cannot go on
         # Finished: those that end among the best K, scored sum_logprobs / generated ** length_penalty.
         divisor = torch.tensor([max(n, 1) ** length_penalty for n in generated], device=device)[:, None]
