@@ -1,0 +1,128 @@
+"""Beam search as the LoRA paper decodes E2E NLG (arXiv:2106.09685, Table 11: beam size 10, length
+penalty 0.9, no-repeat n-gram size 4), token for token what Hugging Face transformers' `generate`
+gives with `num_beams`, `length_penalty`, `no_repeat_ngram_size`, `eos_token_id` and `early_stopping`
+(its `_beam_search`, transformers 5.x). Shapes: B prompts, K beams, V vocab, T buffer length."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, KVCache
+
+NONE = -1.0e9  # the score transformers gives to what must not be chosen: it adds it, as here
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    num_beams: int = 10,
+    length_penalty: float = 0.9,
+    no_repeat_ngram_size: int = 4,
+    eos_token_id: int | list[int] = 50256,
+    early_stopping: bool = False,
+) -> list[list[int]]:
+    """The best continuation of each prompt: its generated tokens, without the prompt and without
+    the EOS that ended it (so a continuation shorter than max_new_tokens is one that ended at EOS).
+    Call eval() first.
+
+    num_beams: hypotheses kept per prompt. Each step extends them all, ranks the 2 * num_beams
+    best extensions (one num_beams more per extra EOS id) by summed log-probability, sets aside
+    those among the best num_beams that end in EOS (or reach max_new_tokens) as finished, and
+    goes on with the best num_beams that do not.
+    length_penalty: a finished hypothesis of n generated tokens (EOS counted) scores
+    sum_logprobs / n ** length_penalty; above 0 favours longer ones.
+    no_repeat_ngram_size: no n-gram of this size occurs twice in prompt + continuation (0: off).
+    eos_token_id: the id, or ids, that end a hypothesis (an empty list: none, every hypothesis runs
+    to max_new_tokens). The LoRA authors' E2E command line ends at 50256 and at 628, "\\n\\n".
+    early_stopping: False (transformers' default) stops a prompt once num_beams hypotheses are
+    finished and the best running one, scored at its current length, is no better than the worst
+    finished; True stops it as soon as num_beams hypotheses are finished. ("never" is not offered.)
+
+    Prompts advance together, num_beams rows each, one forward pass a step on a KV cache; the
+    search ends when every prompt is done.
+    """
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    B, K, V = len(prompts), num_beams, model.config.vocab_size
+    lengths = [len(p) for p in prompts]
+    if B == 0 or min(lengths) < 1 or max_new_tokens < 1 or K < 1:
+        raise ValueError("beam search needs prompts of at least one token, max_new_tokens >= 1 and num_beams >= 1")
+    T = max(lengths) + max_new_tokens
+    if T > model.config.block_size:
+        raise ValueError(f"prompt + max_new_tokens = {T} tokens is longer than the context ({model.config.block_size})")
+    device = model.lm_head.weight.device
+    # Prompts of different lengths without an attention mask: right-pad them and advance all rows
+    # one position a step, as GPT.generate does. A row still inside its prompt is given its next
+    # prompt token (no scoring), so no row ever sees padding; its beam search, all K beams equal
+    # until then, starts at the step where its prompt ends. Each prompt gets what it gets alone.
+    seqs = torch.zeros(B, K, T, dtype=torch.long, device=device)  # each prompt's K beams
+    for b, p in enumerate(prompts):
+        seqs[b, :, : len(p)] = torch.tensor(p, device=device)
+    scores = torch.full((B, K), NONE, device=device)  # running beams' summed log-probabilities:
+    scores[:, 0] = 0.0  # the K beams start equal, so only beam 0's extensions count at first
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]  # (score, tokens), best first
+    done = [False] * B
+    width = (1 + max(1, len(eos))) * K  # extensions ranked per prompt and step
+
+    filled = min(lengths)  # seqs[:, :, :filled] is known in every row
+    caches = [KVCache(T) for _ in model.transformer.h]
+    x = model.hidden_states(seqs[:, 0, :filled], caches)[:, -1]  # each prompt once, then copied to its K beams
+    for c in caches:
+        c.k, c.v = c.k.repeat_interleave(K, 0), c.v.repeat_interleave(K, 0)  # (B, ...) -> (B * K, ...)
+    x = x.repeat_interleave(K, 0)  # (B, C) -> (B * K, C)
+    while True:
+        logp = F.log_softmax(model.lm_head(x).float(), dim=-1)  # (B * K, V)
+        if no_repeat_ngram_size > 0:
+            logp = ban_repeated_ngrams(seqs.view(B * K, T)[:, :filled], logp, no_repeat_ngram_size)
+        top, index = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(width)  # (B, width), best first
+        parent, token = index // V, index % V
+        generated = [filled + 1 - n for n in lengths]  # tokens generated with this step's (< 1: in the prompt)
+        at_max = torch.tensor(generated, device=device)[:, None] == max_new_tokens  # (B, 1)
+        ends = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=device)) | at_max  # (B, width)
+        running = top + ends.float() * NONE  # those that end cannot go on
+        # Finished: those that end among the best K, scored sum_logprobs / generated ** length_penalty.
+        divisor = torch.tensor([max(n, 1) ** length_penalty for n in generated], device=device)[:, None]
+        penalized = top[:, :K] / divisor
+        for b, j in ends[:, :K].nonzero().tolist():
+            if not done[b] and generated[b] >= 1:
+                tokens = seqs[b, parent[b, j], lengths[b] : filled].tolist() + [token[b, j].item()]
+                finished[b].append((penalized[b, j].item(), tokens[:-1] if tokens[-1] in eos else tokens))
+                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+        # Go on with the best K that do not end; rows still inside their prompt take its next token.
+        keep = running.topk(K).indices  # (B, K)
+        in_prompt = torch.tensor(generated, device=device)[:, None] < 1  # (B, 1)
+        beams = torch.where(in_prompt, torch.arange(K, device=device), parent.gather(1, keep))  # (B, K)
+        next_token = torch.where(in_prompt, seqs[:, :, filled], token.gather(1, keep))
+        scores = torch.where(in_prompt, scores, running.gather(1, keep))
+        seqs = seqs.gather(1, beams[:, :, None].expand(B, K, T))
+        seqs[:, :, filled] = next_token
+        filled += 1
+        # transformers' test, after each step, for a prompt being done: at max_new_tokens, or with K
+        # finished and (early_stopping, or the best running beam, scored at its length, is no better
+        # than the worst finished)
+        best_running = (scores[:, :1] / divisor).view(B).tolist()
+        for b in range(B):
+            full = len(finished[b]) == K
+            cannot_improve = full and best_running[b] <= finished[b][-1][0]
+            done[b] = done[b] or generated[b] == max_new_tokens or (full and (early_stopping or cannot_improve))
+        if all(done):
+            return [hyps[0][1] for hyps in finished]
+        rows = (beams + torch.arange(B, device=device)[:, None] * K).view(-1)  # (B * K,): cache rows to keep
+        for c in caches:
+            c.k[:, :, : c.length], c.v[:, :, : c.length] = c.k[rows, :, : c.length], c.v[rows, :, : c.length]
+        x = model.hidden_states(seqs.view(B * K, T)[:, filled - 1 : filled], caches)[:, -1]
+
+
+def ban_repeated_ngrams(seqs: torch.Tensor, logp: torch.Tensor, n: int) -> torch.Tensor:
+    """logp (R, V) with -inf on every token that would repeat an n-gram of its row of seqs (R, L):
+    each earlier n-gram whose first n - 1 tokens are the row's last n - 1 bans its last token."""
+    L, V = seqs.size(1), logp.size(1)
+    if L < n:
+        return logp
+    windows = seqs.unfold(1, n, 1)  # (R, L - n + 1, n): every n-gram
+    matches = (windows[..., :-1] == seqs[:, L - n + 1 :][:, None]).all(-1)  # (R, L - n + 1)
+    banned = torch.zeros(seqs.size(0), V + 1, dtype=torch.bool, device=seqs.device)  # column V: a no-op
+    banned.scatter_(1, torch.where(matches, windows[..., -1], V), True)
+    return logp.masked_fill(banned[:, :V], float("-inf"))
