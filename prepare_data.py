@@ -2,7 +2,7 @@
 
     python prepare_data.py                                   # tiny Shakespeare -> data/shakespeare/
     python prepare_data.py --input my.txt --name mine        # any local text   -> data/mine/
-    python prepare_data.py --format pairs --input ../shared/data/e2e/valid.txt --name e2e
+    python prepare_data.py --e2e                             # E2E NLG (the paper's Table 3) -> data/e2e/
 
 Text is tokenised with tiktoken's GPT-2 BPE and split into `train.bin` / `val.bin`: flat uint16
 arrays that np.memmap reads without loading them (nanoGPT's layout). A `meta.json` beside them says
@@ -31,6 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# the E2E NLG splits in the LoRA authors' `context||target` format (paper §5.5, Table 3)
+E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e/{split}.txt"
 PAIR_SEPARATOR = " ||"  # between context and target; E2E's own marker, so prompts read naturally
 LINES_PER_CHUNK = 2000  # text is tokenised in chunks of lines, for the progress bar
 
@@ -44,22 +46,22 @@ def load_encoding():
     except Exception as e:  # network errors come as many types; all mean the same to the user
         raise OSError(
             f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): connect once, or set "
-            "TIKTOKEN_CACHE_DIR to a folder holding its cached files (this repository's CI uses ../shared/tiktoken)"
+            "TIKTOKEN_CACHE_DIR to a folder holding its cached files"
         ) from None
+
+
+def download(url: str, what: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.read().decode("utf-8")
+    except OSError as e:  # urllib's URLError is an OSError
+        raise OSError(f"could not download {what} from {url} ({e}): get the file another way and pass it with --input") from None
 
 
 def read_source(path: str | None) -> tuple[str, str]:
     """(text, where it came from): the local file `path`, or tiny Shakespeare downloaded."""
     if path is None:
-        try:
-            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-                text = response.read().decode("utf-8")
-        except OSError as e:  # urllib's URLError is an OSError
-            raise OSError(
-                f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}): get the file another "
-                "way and run `python prepare_data.py --input input.txt --name shakespeare`"
-            ) from None
-        return text, SHAKESPEARE_URL
+        return download(SHAKESPEARE_URL, "tiny Shakespeare"), SHAKESPEARE_URL
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -120,7 +122,7 @@ def tokenize_pairs(pairs: list[tuple[str, str]], encoding) -> tuple[np.ndarray, 
 # ---- writing the folder ---------------------------------------------------------------------------
 
 
-def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict, texts: dict[str, str] | None = None) -> None:
     """Write every file into a temporary folder, then rename it into place: a crash leaves either
     the old folder or the new one, never half of one."""
     parent = os.path.dirname(os.path.abspath(folder))
@@ -132,6 +134,9 @@ def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None
             array.tofile(os.path.join(tmp, name))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        for name, text in (texts or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         if os.path.exists(folder):
             os.replace(folder, old)  # a directory cannot be renamed onto a non-empty one
         os.replace(tmp, folder)
@@ -141,38 +146,66 @@ def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict) -> None
 
 
 def prepare(
-    input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1
-) -> str:
-    """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; returns that folder."""
+    input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1,
+    val_path: str | None = None,
+) -> str:  # fmt: skip
+    """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; the validation split
+    is `val_path` when given, else the end of the input. Returns the folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    text, source = read_source(input_path)
-    encoding = load_encoding()
-    assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
-    meta = dict(format=format, tokenizer="gpt2", vocab_size=encoding.n_vocab, eot_token=encoding.eot_token,
-                source=source)  # fmt: skip
-    if format == "text":
-        tokens = tokenize_text(text, encoding)
-        n_val = int(len(tokens) * val_fraction)
-        if n_val < 1:
-            raise ValueError(f"{source} is too short to split off a validation set ({len(tokens)} tokens)")
-        arrays = {"train.bin": tokens[:-n_val], "val.bin": tokens[-n_val:]}
-    else:
-        pairs = parse_pairs(text, source)
-        # the last examples are held out: E2E lists several targets per context next to each other,
-        # so a tail split keeps most val contexts unseen in training
-        if len(pairs) < 2:
-            raise ValueError(f"{source} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
-        n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
-        train_tokens, train_mask = tokenize_pairs(pairs[:-n_val], encoding)
-        val_tokens, val_mask = tokenize_pairs(pairs[-n_val:], encoding)
-        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
-                  "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
-        meta.update(separator=PAIR_SEPARATOR, train_examples=len(pairs) - n_val, val_examples=n_val)
-    meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
+    train = read_source(input_path)
+    arrays, meta = tokenize(train, read_source(val_path) if val_path else None, format, val_fraction)
     folder = os.path.join(out_dir, name)
     write_folder(folder, arrays, meta)
     return folder
+
+
+def prepare_e2e(out_dir: str = "data", name: str = "e2e") -> str:
+    """The E2E NLG challenge as the LoRA authors distribute it: train.txt -> train.bin, valid.txt ->
+    val.bin, and test.txt kept as it is, for `python -m lab.e2e --pairs <folder>/test.txt`."""
+    sources = {split: (download(E2E_URL.format(split=split), f"E2E's {split}.txt"), E2E_URL.format(split=split))
+               for split in ("train", "valid", "test")}  # fmt: skip
+    arrays, meta = tokenize(sources["train"], sources["valid"], "pairs", 0.1)
+    folder = os.path.join(out_dir, name)
+    write_folder(folder, arrays, meta, texts={"test.txt": sources["test"][0]})
+    return folder
+
+
+def tokenize(
+    train: tuple[str, str], val: tuple[str, str] | None, format: str, val_fraction: float
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of a data folder and its meta.json, from (text, source) of the training input and
+    of the validation input (None: the end of the training input is held out)."""
+    encoding = load_encoding()
+    assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
+    meta = {"format": format, "tokenizer": "gpt2", "vocab_size": encoding.n_vocab, "eot_token": encoding.eot_token,
+            "source": train[1], "val_source": val[1] if val else train[1]}  # fmt: skip
+    if format == "text":
+        tokens = tokenize_text(train[0], encoding)
+        if val is not None:
+            arrays = {"train.bin": tokens, "val.bin": tokenize_text(val[0], encoding)}
+        else:
+            n_val = int(len(tokens) * val_fraction)
+            if n_val < 1:
+                raise ValueError(f"{train[1]} is too short to split off a validation set ({len(tokens)} tokens)")
+            arrays = {"train.bin": tokens[:-n_val], "val.bin": tokens[-n_val:]}
+    else:
+        pairs = parse_pairs(*train)
+        if val is not None:
+            train_pairs, val_pairs = pairs, parse_pairs(*val)
+        else:
+            # the last examples are held out: E2E lists several targets per context next to each
+            # other, so a tail split keeps most val contexts unseen in training
+            if len(pairs) < 2:
+                raise ValueError(f"{train[1]} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
+            n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
+            train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
+        (train_tokens, train_mask), (val_tokens, val_mask) = (tokenize_pairs(p, encoding) for p in (train_pairs, val_pairs))
+        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
+                  "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
+        meta.update(separator=PAIR_SEPARATOR, train_examples=len(train_pairs), val_examples=len(val_pairs))
+    meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
+    return arrays, meta
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -189,15 +222,25 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out-dir", default="data", help="where the <name> folder is written")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share held out for validation (the end of the text, or the last pairs)")
+    parser.add_argument("--val-input", help="a local file to validate on, instead of holding out --val-fraction")
+    parser.add_argument("--e2e", action="store_true",
+                        help="download the E2E NLG splits in the LoRA authors' format into --out-dir/e2e (train, "
+                        "valid as val, and test.txt for python -m lab.e2e); local copies: --format pairs --input "
+                        "train.txt --val-input valid.txt")
     args = parser.parse_args(argv)
     name = args.name or ("shakespeare" if args.input is None else os.path.splitext(os.path.basename(args.input))[0])
+    if args.e2e and (args.input or args.val_input or args.format != "text"):
+        parser.error("--e2e downloads its own files: leave out --input, --val-input and --format")
     try:
-        folder = prepare(args.input, name, args.format, args.out_dir, args.val_fraction)
+        if args.e2e:
+            folder = prepare_e2e(args.out_dir, args.name or "e2e")
+        else:
+            folder = prepare(args.input, name, args.format, args.out_dir, args.val_fraction, args.val_input)
     except (ValueError, OSError) as e:
         sys.exit(f"prepare_data.py: error: {e}")
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    print(f"wrote {folder}/: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({args.format})")
+    print(f"wrote {folder}/: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['format']})")
     return folder
 
 

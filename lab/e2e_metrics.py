@@ -159,7 +159,8 @@ def nist(predictions: list[str], references: list[list[str]]) -> float:
     ]
     ratio = lengths[0] / average_reference_length
     length_penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-NIST_BETA * math.log(ratio) ** 2)
-    return length_penalty * sum(info / length for info, length in zip(information, lengths))
+    # pymteval divides by zero when the outputs hold no n-gram of some size (all shorter than n): that term is 0 here
+    return length_penalty * sum(info / length if length else 0.0 for info, length in zip(information, lengths))
 
 
 # --- METEOR, ROUGE-L and CIDEr: the COCO caption code, as measure_scores.py's run_coco_eval calls it -----------

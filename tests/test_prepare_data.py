@@ -101,3 +101,31 @@ def test_failed_download_says_to_use_input(tmp_path, monkeypatch):
         prepare_data.main(["--out-dir", str(tmp_path)])
     assert "could not download tiny Shakespeare" in str(exit.value) and "--input" in str(exit.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_e2e_is_downloaded_as_the_authors_three_splits(tmp_path, encoding, monkeypatch):
+    files = {"train": "name : A | food : Thai||A serves Thai food.\n", "valid": "name : B||B is a pub.\n",
+             "test": "name : C||C is here.\nname : C||There is C.\n"}  # fmt: skip
+    fetched = []
+
+    def fake_download(url: str, what: str) -> str:
+        fetched.append(url)
+        return files[url.rsplit("/", 1)[1].removesuffix(".txt")]
+
+    monkeypatch.setattr(prepare_data, "download", fake_download)
+    folder = prepare_data.main(["--e2e", "--out-dir", str(tmp_path / "data")])
+    assert fetched == [prepare_data.E2E_URL.format(split=s) for s in ("train", "valid", "test")]
+    assert folder == str(tmp_path / "data" / "e2e")
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert (meta["train_examples"], meta["val_examples"]) == (1, 1)  # valid.txt is the validation split
+    assert encoding.decode(read(folder, "val.bin", np.uint16).tolist()) == "name : B || B is a pub.<|endoftext|>"
+    assert open(os.path.join(folder, "test.txt")).read() == files["test"]  # kept for python -m lab.e2e
+
+
+def test_val_input_replaces_the_held_out_share(tmp_path, encoding):
+    (tmp_path / "train.txt").write_text("a||b\nc||d\n")
+    (tmp_path / "val.txt").write_text("e||f\n")
+    folder = prepare_data.main(["--format", "pairs", "--input", str(tmp_path / "train.txt"),
+                                "--val-input", str(tmp_path / "val.txt"), "--out-dir", str(tmp_path / "data")])  # fmt: skip
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert (meta["train_examples"], meta["val_examples"], meta["val_source"]) == (2, 1, str(tmp_path / "val.txt"))

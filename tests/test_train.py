@@ -318,3 +318,47 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(tmp_path, char_d
     monkeypatch.setattr(train, "forward_backward", forward_backward)
     train.main([*run, "--run-dir", out, "--resume"])
     assert [r["step"] for r in read_log(out)] == [0, 2, 4, 6]
+
+
+def pairs_folder(tmp_path) -> str:
+    """Three examples (context, separator 4, target, end-of-text 100) in train and val."""
+    first, second, third = [1, 2, 3, 4, 5, 6, 100], [7, 8, 4, 9, 10, 11, 12, 100], [13, 4, 14, 100]
+    tokens = np.array(first + second + third, dtype=np.uint16)
+    mask = np.array([0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1] + [0, 0, 1, 1], dtype=np.uint8)
+    folder = str(tmp_path / "pairs")
+    arrays = {"train.bin": tokens, "train_mask.bin": mask, "val.bin": tokens, "val_mask.bin": mask}
+    prepare_data.write_folder(folder, arrays, {"vocab_size": 101, "eot_token": 100})
+    return folder
+
+
+def test_padded_batches_hold_one_whole_example_per_row_with_loss_on_its_target(tmp_path):
+    folder = pairs_folder(tmp_path)
+    with pytest.raises(ValueError, match="has an example of 8 tokens: use --block-size 7 or more"):
+        train.load_split(folder, "train", block_size=6, eot_token=100, padded=True)
+    split = train.load_split(folder, "train", block_size=7, eot_token=100, padded=True)
+    x, y = train.padded_batch(split, [2, 1], "cpu")
+    assert x.tolist() == [[13, 4, 14, 0, 0, 0, 0], [7, 8, 4, 9, 10, 11, 12]]
+    assert y.tolist() == [[-1, 14, 100, -1, -1, -1, -1], [-1, -1, 9, 10, 11, 12, 100]]
+    # each epoch is a new shuffle of every example, and position alone decides what is drawn
+    orders = [train.epoch_order(3, first, 3, seed=1) for first in (0, 3, 6)]
+    assert all(sorted(order) == [0, 1, 2] for order in orders) and len({tuple(o) for o in orders}) > 1
+    assert train.epoch_order(3, 2, 4, seed=1) == orders[0][2:] + orders[1][:3]
+    plain = str(tmp_path / "plain")
+    prepare_data.write_folder(plain, {"train.bin": np.arange(50, dtype=np.uint16)}, {})
+    with pytest.raises(ValueError, match="holds plain text: --batching padded needs pairs"):
+        train.load_split(plain, "train", block_size=7, eot_token=100, padded=True)
+
+
+def test_the_papers_e2e_recipe_runs_by_epochs_with_a_linear_schedule_and_label_smoothing(tmp_path):
+    run = str(tmp_path / "run")
+    argv = [*SCRATCH, "--rank", "4", "--alpha", "32", "--lora-dropout", "0.1", "--data", pairs_folder(tmp_path),
+            "--batching", "padded", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1", "--block-size", "8",
+            "--schedule", "linear", "--warmup-iters", "2", "--label-smoothing", "0.1", "--lr", "1e-2",
+            "--eval-interval", "5", "--device", "cpu", "--run-dir", run]  # fmt: skip
+    train.main(argv)
+    log = read_log(run)
+    assert [r["step"] for r in log] == [0, 5]  # 3 epochs of 3 examples at 2 a step: ceil(9 / 2) = 5 steps
+    assert log[-1]["lr"] == pytest.approx(1e-2 * (1 - 2 / 3))  # step 4 of 5: linear decay to 0 after warmup
+    args = train.parse_args(argv)
+    args.max_iters = 5
+    assert [train.learning_rate(s, args) for s in (0, 1, 2, 5)] == pytest.approx([5e-3, 1e-2, 1e-2, 0.0])
