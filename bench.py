@@ -1,4 +1,4 @@
-"""bench.py: the LoRA paper's efficiency claims, measured on this machine.
+"""bench.py: the LoRA paper's efficiency claims, measured where you run it.
 
 The paper claims (Hu et al., 2021):
 - §4.1 and Table 1: adapters add inference latency (+2.2% to +30.3% on GPT-2 medium), while LoRA,

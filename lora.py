@@ -23,16 +23,15 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from model import GPT, config_dict
-from utils import atomic_path, unwrap
+from utils import atomic_path, open_safetensors, unwrap
 
 
 class LoRALinear(nn.Linear):
@@ -147,14 +146,6 @@ class LoRAConfig:
     def scaling(self) -> float:
         """α/r (§4.1): the factor on B·A."""
         return self.alpha / self.rank
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str) -> LoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source} has LoRA settings this lora.py does not know: {', '.join(unknown)}")
-        return cls(**values)
 
     def require_only(self, understood: set[str], who: str) -> None:
         """Refuse in one line a setting that `who` does not understand, unless it has its default value."""
@@ -287,17 +278,6 @@ def save_adapter(model: GPT, path: str) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
-@contextmanager
-def open_safetensors(path: str) -> Iterator:
-    """safetensors' safe_open, with a file that is not safetensors at all reported as a ValueError
-    naming it (safetensors raises its own exception type, which callers would not expect)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            yield f
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e})") from None
-
-
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of an adapter file; metadata's JSON fields decoded, its
     `lora_config` a LoRAConfig."""
@@ -307,7 +287,10 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if "lora_config" not in raw_metadata:
         raise ValueError(f"{path} is not an adapter written by lora.py (no lora_config in its metadata)")
     metadata = {k: json.loads(v) if k != "base" else v for k, v in raw_metadata.items()}
-    metadata["lora_config"] = LoRAConfig.from_dict(metadata["lora_config"], path)
+    unknown = sorted(set(metadata["lora_config"]) - {f.name for f in fields(LoRAConfig)})
+    if unknown:
+        raise ValueError(f"{path} has LoRA settings this lora.py does not know: {', '.join(unknown)}")
+    metadata["lora_config"] = LoRAConfig(**metadata["lora_config"])
     return tensors, metadata
 
 
@@ -336,14 +319,11 @@ def check_adapter_fits(raw: GPT, path: str, tensors: dict[str, torch.Tensor], me
             f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's "
             f"('{raw.name_or_path}'): load the base it was trained on"
         )
-    config, have_config = metadata["lora_config"], getattr(raw, "lora_config", None)
-    if have_config is None:
+    config, have = metadata["lora_config"], getattr(raw, "lora_config", None)
+    if have is None:
         apply_lora(raw, config)
-    elif (have_config.rank, have_config.alpha, have_config.targets) != (config.rank, config.alpha, config.targets):
-        raise ValueError(
-            f"{path} has rank {config.rank}, alpha {config.alpha} on {','.join(config.targets)}; the model's "
-            f"LoRA has rank {have_config.rank}, alpha {have_config.alpha} on {','.join(have_config.targets)}"
-        )
+    elif replace(have, dropout=0.0) != replace(config, dropout=0.0):  # dropout does not change the tensors
+        raise ValueError(f"{path} has LoRA {config}; the model's LoRA is {have}")
     expected = lora_state_dict(raw)
     if set(tensors) != set(expected):
         raise ValueError(f"{path} holds other LoRA tensors than this model ({sorted(set(tensors) ^ set(expected))[:3]} ...)")

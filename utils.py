@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,3 +65,14 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def open_safetensors(path: str) -> Iterator:
+    """safetensors' safe_open, with a file that is not safetensors at all reported as a ValueError
+    naming it (safetensors raises its own exception type, which callers would not expect)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None

@@ -23,7 +23,7 @@ from torch import nn
 
 import sample
 from lora import (
-    LoRALinear, check_adapter_fits, lora_layers, lora_state_dict, merge_lora, read_adapter, unmerge_lora, unmerged,
+    LoRALinear, adapter_key, check_adapter_fits, lora_layers, lora_state_dict, merge_lora, read_adapter, unmerge_lora, unmerged,
 )  # fmt: skip
 from model import GPT
 from utils import autocast, resolve_device, resolve_dtype, unwrap
@@ -97,10 +97,12 @@ def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
     if name in adapter_names(raw):
         raise ValueError(f"an adapter named '{name}' is already on this model")
     for module_name, layer in banked_layers(raw):
+        block, module = module_name.removeprefix("transformer.h.").split(".", 1)
         for bank, matrix in ((layer.bank_A, "A"), (layer.bank_B, "B")):
             for part in layer.parts:
                 # a copy, never a view: the bank must not change when the active adapter trains or loads
-                new = tensors[f"{module_name}.lora_{matrix}.{part}"].detach().to(layer.weight.device, layer.weight.dtype)
+                new = tensors[adapter_key(int(block), module, matrix, part)].detach()
+                new = new.to(layer.weight.device, layer.weight.dtype)
                 stacked = torch.cat([bank[part], new[None]]) if part in bank else new[None].clone()
                 bank[part] = nn.Parameter(stacked, requires_grad=False)  # frozen unless you train the bank
     adapter_names(raw).append(name)

@@ -44,10 +44,10 @@ import torch
 from safetensors.torch import save_file
 
 from lora import (
-    TARGETS, LoRAConfig, apply_lora, lora_state_dict, open_safetensors, parse_adapter_key, read_adapter, save_adapter,
+    TARGETS, LoRAConfig, apply_lora, lora_state_dict, adapter_key, parse_adapter_key, read_adapter, save_adapter,
 )  # fmt: skip
 from model import GPT, PRETRAINED
-from utils import atomic_path, unwrap
+from utils import atomic_path, open_safetensors, unwrap
 
 PEFT_PREFIX = "base_model.model."
 HUB_ORGANISATION = "openai-community/"  # where the hub keeps gpt2, gpt2-medium, ...
@@ -90,12 +90,12 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
             rank_pattern[module], alpha_pattern[module] = len(parts) * r, len(parts) * config.alpha
         for layer in range(n_layer):
             prefix = f"transformer.h.{layer}.{module}"
-            rows = tensors[f"{prefix}.lora_B.{parts[0][0]}"].shape[0]  # each part covers d_out / n_blocks rows
-            A = torch.cat([tensors[f"{prefix}.lora_A.{target}"] for target, _, _ in parts])  # (n·r, d_in)
+            rows = tensors[adapter_key(layer, module, "B", parts[0][0])].shape[0]  # each part: d_out / n_chunks rows
+            A = torch.cat([tensors[adapter_key(layer, module, "A", target)] for target, _, _ in parts])  # (n·r, d_in)
             B = A.new_zeros(rows * parts[0][2], len(parts) * r)  # (d_out, n·r)
             for column, (target, index, _) in enumerate(parts):
                 block_rows, block_columns = slice(index * rows, (index + 1) * rows), slice(column * r, (column + 1) * r)
-                B[block_rows, block_columns] = tensors[f"{prefix}.lora_B.{target}"]
+                B[block_rows, block_columns] = tensors[adapter_key(layer, module, "B", target)]
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.contiguous()
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B
     peft_config = dict(
@@ -169,7 +169,7 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
     if any(layer >= n_layer for layer, _ in pairs):
         raise ValueError(f"{folder} adapts layer {max(l for l, _ in pairs)}, but the base has {n_layer} layers")
     if ours is not None:  # our own export: undo the stacking
-        config = LoRAConfig.from_dict(ours, folder)
+        config = LoRAConfig(**ours)
     else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
         adapted_modules = {module for _, module in pairs}
         targets = tuple(t for t, places in TARGETS.items() if any(where.module in adapted_modules for where in places))

@@ -154,7 +154,7 @@ def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alon
 def test_adapter_mistakes_are_clear_errors(two_adapter_files):
     base, (a, _) = two_adapter_files
     other = apply_lora(base_only(base.state_dict()), LoRAConfig(rank=4, targets=TARGETS))
-    with pytest.raises(ValueError, match="has rank 2"):
+    with pytest.raises(ValueError, match=r"has LoRA LoRAConfig\(rank=2,"):
         add_adapter(other, "a", a)
     with pytest.raises(ValueError, match="no LoRA layers"):
         add_adapter(base, "a")
