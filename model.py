@@ -18,13 +18,13 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         # q, k and v in one fused projection, as GPT-2 stores them: c_attn.weight is (3C, C)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -112,6 +112,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        bad = [f"{name} {value!r}" for name, value in sizes.items() if not isinstance(value, int) or value < 1]
+        if bad:
+            raise ValueError(f"GPT-2's sizes must be integers >= 1, got {', '.join(bad)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: each head gets n_embd / n_head "
+                "dimensions"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # The four published sizes (Radford et al., 2019), by their Hugging Face names.
@@ -235,19 +248,8 @@ class GPT(nn.Module):
         """Load `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` from the hub, or a local folder that
         holds `config.json` + `model.safetensors` (written by this file or by Hugging Face)."""
         config_path, weights_path = _checkpoint_files(name_or_path)
-        with open(config_path) as f:
-            hf = json.load(f)
-        config = GPTConfig(
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            dropout=dropout,
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        )
-        model = cls(config)
-        model.load_state_dict(_from_hf_layout(load_file(weights_path)))
+        model = cls(read_config(config_path, dropout))
+        model.load_state_dict(_fit_state(_from_hf_layout(read_weights(weights_path)), model, weights_path))
         model.name_or_path = name_or_path
         return model
 
@@ -281,6 +283,57 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
 
+def read_config(path: str, dropout: float = 0.0) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config.json, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    required = ("vocab_size", "n_layer", "n_head", "n_embd")
+    missing = [key for key in required if not isinstance(hf, dict) or key not in hf]
+    if missing:
+        raise ValueError(f"{path} is not a GPT-2 config: it lacks {', '.join(missing)}")
+    try:
+        return GPTConfig(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            dropout=dropout,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one is a ValueError naming it."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
+def _fit_state(state: dict[str, torch.Tensor], model: GPT, path: str) -> dict[str, torch.Tensor]:
+    """`state` if it holds exactly the model's tensors in their shapes, else a ValueError that says
+    which do not fit (load_state_dict's own error is many lines)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{path} does not hold GPT-2's weights: it lacks {', '.join(missing[:3])}")
+    if unexpected:
+        raise ValueError(f"{path} holds tensors GPT-2 does not have: {', '.join(unexpected[:3])}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, but its config.json needs "
+                f"{tuple(expected[key].shape)}: the weights and the config are of different models"
+            )
+    return state
+
+
 def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
     """(config.json, model.safetensors) of a local folder, or of a hub model fetched into its cache."""
     if os.path.isdir(name_or_path):
@@ -289,6 +342,11 @@ def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
         if missing:
             raise FileNotFoundError(f"{name_or_path} is not a GPT-2 checkpoint folder: no {missing[0]}")
         return paths
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path} is a file, not a GPT-2 checkpoint folder (config.json + model.safetensors)")
+    if os.sep in name_or_path or name_or_path.startswith("."):
+        raise FileNotFoundError(f"{name_or_path}: no such folder (a GPT-2 checkpoint folder holds config.json and "
+                                "model.safetensors)")  # fmt: skip
     if name_or_path not in PRETRAINED:
         raise ValueError(
             f"unknown model '{name_or_path}': use one of {', '.join(PRETRAINED)}, "
@@ -318,7 +376,8 @@ def _from_hf_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue  # tied to wte
         key = key if key.startswith("transformer.") else f"transformer.{key}"
         state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if "transformer.wte.weight" in state:  # else _fit_state names it as missing
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 
 
@@ -358,9 +417,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; cpu, cuda, cuda:N and mps are checked
+    against what torch sees, so a wrong one fails here rather than at the first tensor moved."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N (the N-th GPU) or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}, but CUDA is not available (torch.cuda.is_available() is False): "
+                             "use --device cpu")  # fmt: skip
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}, but MPS is not available: use --device cpu")
     return device
 
 
