@@ -74,6 +74,10 @@ def find_run(out: str | None, adapters: list[str] | None, init_from: str | None)
     if out is None and init_from is not None:
         return init_from, []  # a base alone
     folder = out or "out"
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
+        raise ValueError(f"--out {folder}{' (the default)' * (out is None)}: {what}; give a train.py output "
+                         "folder, or --adapter FILE or --init-from gpt2")  # fmt: skip
     if os.path.isfile(os.path.join(folder, "adapter.safetensors")):  # a LoRA run
         path = os.path.join(folder, "adapter.safetensors")
         return init_from or read_adapter(path)[1]["base"], [path]
@@ -92,10 +96,22 @@ def load_base(name_or_path: str) -> GPT:
 
 
 def read_prompt(text: str) -> str:
-    if text.startswith("FILE:"):
-        with open(text.removeprefix("FILE:"), encoding="utf-8") as f:
-            return f.read()
-    return text
+    """The text of one --prompt: itself, or the contents of the file after FILE:. Never empty."""
+    if not text.startswith("FILE:"):
+        if not text:
+            raise ValueError("--prompt is empty: give some text to continue (without --prompt: a newline)")
+        return text
+    path = text.removeprefix("FILE:")
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompt {text}: {'not a file' if os.path.exists(path) else 'no such file'}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompt = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt {text}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not prompt:
+        raise ValueError(f"--prompt {text}: {path} is empty")
+    return prompt
 
 
 # ---- generation --------------------------------------------------------------------------------
@@ -150,6 +166,7 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(device, args.dtype)
+    texts = [read_prompt(p) for p in args.prompt or ["\n"]]  # before anything loads: a bad one fails at once
     base, adapter_paths = find_run(args.out, args.adapter, args.init_from)
     model = load_base(base)
     for path in dict.fromkeys(adapter_paths):  # named by their paths; checked against the base
@@ -161,7 +178,6 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(
             f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})"
         )
-    texts = [read_prompt(p) for p in args.prompt or ["\n"]]
     adapters: list[str | None] = adapter_paths or [None]
     if len(texts) == 1:
         texts = texts * len(adapters)
@@ -172,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
 
     prompts, window = [], model.config.block_size
     for i, text in enumerate(texts):
-        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
+        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"})
         if len(tokens) > window:
             print(f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
                   f"the model sees only its last {window}")  # fmt: skip

@@ -98,8 +98,8 @@ def test_a_rank_0_run_is_the_model_itself(runs, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--out", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
-    ([], "out holds neither"),
+    (["--out", "nowhere"], "--out nowhere: no such folder"),
+    ([], "--out out (the default): no such folder"),
     (["--adapter", "run_a/adapter.safetensors", "--adapter", "run_b/adapter.safetensors", "--prompt", "1",
       "--prompt", "2", "--prompt", "3"], "3 prompts for 2 adapters"),
     (["--adapter", "run_a/adapter.safetensors", "--init-from", "other"], "another base"),
