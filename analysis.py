@@ -121,10 +121,16 @@ def similarity(
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
-    if meta1["base_config"] != meta2["base_config"]:
-        raise ValueError(f"{path1} and {path2} adapt bases of different shapes: nothing to compare")
+    if any(meta1.get(field) != meta2.get(field) for field in ("base_config", "base_fingerprint")):
+        raise ValueError(
+            f"{path1} and {path2} were trained on different bases ({meta1['base']} and {meta2['base']}, whose "
+            "shapes or weights differ): similarity compares two adapters of one base"
+        )
     matrices1, matrices2 = adapted_matrices(tensors1), adapted_matrices(tensors2)
     common = [key for key in matrices1 if key in matrices2]
+    if not common:
+        names1, names2 = (", ".join(dict.fromkeys(name for _, name in m)) for m in (matrices1, matrices2))
+        raise ValueError(f"{path1} adapts {names1} and {path2} adapts {names2}: no matrix in common to compare")
     scalings = [m["lora_config"]["alpha"] / m["lora_config"]["rank"] for m in (meta1, meta2)]
     records = []
     for layer, name in select(common, meta1["base_config"]["n_layer"], layers, targets):
@@ -240,6 +246,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def run_similarity(args: argparse.Namespace) -> None:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder: give a folder for the PNGs and similarity.json")
     records, metadata = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
     labels = tuple(f"r = {m['lora_config']['rank']}" for m in metadata)
     if labels[0] == labels[1]:
