@@ -2,7 +2,7 @@
 
     python prepare_data.py                                   # tiny Shakespeare -> data/shakespeare/
     python prepare_data.py --input my.txt --name mine        # any local text   -> data/mine/
-    python prepare_data.py --format pairs --input ../shared/data/e2e/valid.txt --name e2e
+    python prepare_data.py --format pairs --input e2e/valid.txt --name e2e     # context||target lines
 
 Text is tokenised with tiktoken's GPT-2 BPE and split into `train.bin` / `val.bin`: flat uint16
 arrays that np.memmap reads without loading them (nanoGPT's layout). A `meta.json` beside them says
@@ -44,7 +44,7 @@ def load_encoding():
     except Exception as e:  # network errors come as many types; all mean the same to the user
         raise OSError(
             f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): connect once, or set "
-            "TIKTOKEN_CACHE_DIR to a folder holding its cached files (this repository's CI uses ../shared/tiktoken)"
+            "TIKTOKEN_CACHE_DIR to a folder holding its cached files"
         ) from None
 
 
@@ -60,8 +60,13 @@ def read_source(path: str | None) -> tuple[str, str]:
                 "way and run `python prepare_data.py --input input.txt --name shakespeare`"
             ) from None
         return text, SHAKESPEARE_URL
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. with iconv") from None
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text, path
@@ -96,13 +101,16 @@ def parse_pairs(text: str, source: str) -> list[tuple[str, str]]:
                 pair = None
             if pair is None or not all(isinstance(field, str) for field in pair):
                 raise ValueError(f"{source}, line {number}: not a JSON object with 'context' and 'completion' strings")
-            pairs.append(pair)
         else:
             if "||" not in line:
                 raise ValueError(f"{source}, line {number}: no '||' between context and target")
-            context, target = line.split("||", 1)
-            pairs.append((context, target))
-    return [(context.strip(), target.strip()) for context, target in pairs]
+            pair = tuple(line.split("||", 1))
+        context, target = (field.strip() for field in pair)
+        for what, field in (("context", context), ("target", target)):
+            if not field:
+                raise ValueError(f"{source}, line {number}: empty {what}; every example needs a context and a target")
+        pairs.append((context, target))
+    return pairs
 
 
 def tokenize_pairs(pairs: list[tuple[str, str]], encoding) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +154,13 @@ def prepare(
     """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; returns that folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
+        raise ValueError(f"--name {name!r} must be a plain folder name, without a path separator: the folder "
+                         "goes under --out-dir")  # fmt: skip
+    folder = os.path.join(out_dir, name)
+    for path, flag in ((out_dir, "--out-dir "), (folder, "")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag}{path} is a file, not a folder: remove it or choose another --out-dir or --name")
     text, source = read_source(input_path)
     encoding = load_encoding()
     assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
@@ -170,7 +185,6 @@ def prepare(
                   "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
         meta.update(separator=PAIR_SEPARATOR, train_examples=len(pairs) - n_val, val_examples=n_val)
     meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
-    folder = os.path.join(out_dir, name)
     write_folder(folder, arrays, meta)
     return folder
 
