@@ -157,7 +157,7 @@ def peft_targets(peft_config: dict, name: str) -> bool:
 
     if matches(peft_config.get("exclude_modules")):
         return False
-    target_modules = peft_config.get("target_modules")
+    target_modules = peft_config.get("target_modules") or ["c_attn"]  # unset: PEFT's default for GPT-2
     if target_modules == "all-linear":  # every linear layer but the output one: GPT-2's four Conv1D
         return name.endswith(ADAPTABLE) and name.startswith("transformer.h.")
     if not matches(target_modules):
@@ -201,6 +201,8 @@ def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tens
     """(adapter_config, {(layer, module): (A, B)}, our LoRA config if we exported it) of a PEFT folder.
     Refuses what has no exact counterpart here (see check_peft_config) and tensors PEFT would not load."""
     config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder} is not a PEFT folder: no {CONFIG_FILE}")
     try:
         with open(config_path, encoding="utf-8") as f:
             peft_config = json.load(f)
