@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from utils import atomic_path
@@ -24,7 +25,6 @@ from utils import atomic_path
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         # q, k and v in one fused projection, as GPT-2 stores them: c_attn.weight is (3C, C)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -89,6 +89,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        bad = [f"{name} {value!r}" for name, value in sizes.items() if not isinstance(value, int) or value < 1]
+        if bad:
+            raise ValueError(f"GPT-2's sizes must be integers >= 1, got {', '.join(bad)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: each head gets n_embd / n_head "
+                "dimensions"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # The four published sizes (Radford et al., 2019), by their Hugging Face names.
@@ -218,19 +231,8 @@ class GPT(nn.Module):
         """Load `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` from the hub, or a local folder that
         holds `config.json` + `model.safetensors` (written by this file or by Hugging Face)."""
         config_path, weights_path = _checkpoint_files(name_or_path)
-        with open(config_path) as f:
-            hf = json.load(f)
-        config = GPTConfig(
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            dropout=dropout,
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        )
-        model = cls(config)
-        model.load_state_dict(_from_hf_layout(load_file(weights_path)))
+        model = cls(read_config(config_path, dropout))
+        model.load_state_dict(_fit_state(_from_hf_layout(read_weights(weights_path)), model, weights_path))
         model.name_or_path = name_or_path
         return model
 
@@ -290,6 +292,57 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
 
+def read_config(path: str, dropout: float = 0.0) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config.json, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    required = ("vocab_size", "n_layer", "n_head", "n_embd")
+    missing = [key for key in required if not isinstance(hf, dict) or key not in hf]
+    if missing:
+        raise ValueError(f"{path} is not a GPT-2 config: it lacks {', '.join(missing)}")
+    try:
+        return GPTConfig(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            dropout=dropout,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one is a ValueError naming it."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
+def _fit_state(state: dict[str, torch.Tensor], model: GPT, path: str) -> dict[str, torch.Tensor]:
+    """`state` if it holds exactly the model's tensors in their shapes, else a ValueError that says
+    which do not fit (load_state_dict's own error is many lines)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{path} does not hold GPT-2's weights: it lacks {', '.join(missing[:3])}")
+    if unexpected:
+        raise ValueError(f"{path} holds tensors GPT-2 does not have: {', '.join(unexpected[:3])}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, but its config.json needs "
+                f"{tuple(expected[key].shape)}: the weights and the config are of different models"
+            )
+    return state
+
+
 def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
     """(config.json, model.safetensors) of a local folder, or of a hub model fetched into its cache."""
     if os.path.isdir(name_or_path):
@@ -298,6 +351,11 @@ def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
         if missing:
             raise FileNotFoundError(f"{name_or_path} is not a GPT-2 checkpoint folder: no {missing[0]}")
         return paths
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path} is a file, not a GPT-2 checkpoint folder (config.json + model.safetensors)")
+    if os.sep in name_or_path or name_or_path.startswith("."):
+        raise FileNotFoundError(f"{name_or_path}: no such folder (a GPT-2 checkpoint folder holds config.json and "
+                                "model.safetensors)")  # fmt: skip
     if name_or_path not in PRETRAINED:
         raise ValueError(
             f"unknown model '{name_or_path}': use one of {', '.join(PRETRAINED)}, "
@@ -327,7 +385,8 @@ def _from_hf_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue  # tied to wte
         key = key if key.startswith("transformer.") else f"transformer.{key}"
         state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if "transformer.wte.weight" in state:  # else _fit_state names it as missing
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 
 

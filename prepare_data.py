@@ -58,12 +58,17 @@ def download(url: str, what: str) -> str:
         raise OSError(f"could not download {what} from {url} ({e}): get the file another way and pass it with --input") from None
 
 
-def read_source(path: str | None) -> tuple[str, str]:
-    """(text, where it came from): the local file `path`, or tiny Shakespeare downloaded."""
+def read_source(path: str | None, flag: str = "--input") -> tuple[str, str]:
+    """(text, where it came from): the local file `path` (given as `flag`), or tiny Shakespeare downloaded."""
     if path is None:
         return download(SHAKESPEARE_URL, "tiny Shakespeare"), SHAKESPEARE_URL
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. with iconv") from None
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text, path
@@ -98,13 +103,16 @@ def parse_pairs(text: str, source: str) -> list[tuple[str, str]]:
                 pair = None
             if pair is None or not all(isinstance(field, str) for field in pair):
                 raise ValueError(f"{source}, line {number}: not a JSON object with 'context' and 'completion' strings")
-            pairs.append(pair)
         else:
             if "||" not in line:
                 raise ValueError(f"{source}, line {number}: no '||' between context and target")
-            context, target = line.split("||", 1)
-            pairs.append((context, target))
-    return [(context.strip(), target.strip()) for context, target in pairs]
+            pair = tuple(line.split("||", 1))
+        context, target = (field.strip() for field in pair)
+        for what, field in (("context", context), ("target", target)):
+            if not field:
+                raise ValueError(f"{source}, line {number}: empty {what}; every example needs a context and a target")
+        pairs.append((context, target))
+    return pairs
 
 
 def tokenize_pairs(pairs: list[tuple[str, str]], encoding) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +161,15 @@ def prepare(
     is `val_path` when given, else the end of the input. Returns the folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    train = read_source(input_path)
-    arrays, meta = tokenize(train, read_source(val_path) if val_path else None, format, val_fraction)
+    if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
+        raise ValueError(f"--name {name!r} must be a plain folder name, without a path separator: the folder "
+                         "goes under --out-dir")  # fmt: skip
     folder = os.path.join(out_dir, name)
+    for path, flag in ((out_dir, "--out-dir "), (folder, "")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag}{path} is a file, not a folder: remove it or choose another --out-dir or --name")
+    train = read_source(input_path)
+    arrays, meta = tokenize(train, read_source(val_path, "--val-input") if val_path else None, format, val_fraction)
     write_folder(folder, arrays, meta)
     return folder
 

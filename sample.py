@@ -68,6 +68,10 @@ def find_run(run: str | None, adapter: str | None, base: str | None) -> tuple[st
     if run is None and base is not None:
         return base, None  # a base alone
     folder = run or "out"
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
+        raise ValueError(f"--run-dir {folder}{' (the default)' * (run is None)}: {what}; give a train.py run "
+                         "folder, or --adapter FILE or --base gpt2")  # fmt: skip
     if os.path.isfile(os.path.join(folder, "adapter.safetensors")):  # a LoRA run
         path = os.path.join(folder, "adapter.safetensors")
         return base or read_adapter(path)[1]["base"], path
@@ -87,10 +91,22 @@ def load_base(name_or_path: str) -> GPT:
 
 
 def read_prompt(text: str) -> str:
-    if text.startswith("FILE:"):
-        with open(text.removeprefix("FILE:"), encoding="utf-8") as f:
-            return f.read()
-    return text
+    """The text of one --prompt: itself, or the contents of the file after FILE:. Never empty."""
+    if not text.startswith("FILE:"):
+        if not text:
+            raise ValueError("--prompt is empty: give some text to continue (without --prompt: a newline)")
+        return text
+    path = text.removeprefix("FILE:")
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompt {text}: {'not a file' if os.path.exists(path) else 'no such file'}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompt = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt {text}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not prompt:
+        raise ValueError(f"--prompt {text}: {path} is empty")
+    return prompt
 
 
 def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, list[list[int]]]:
@@ -102,7 +118,7 @@ def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, lis
         )
     prompts, window = [], model.config.block_size
     for i, text in enumerate(texts):
-        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"}) or [encoding.eot_token]
+        tokens = encoding.encode(text, allowed_special={"<|endoftext|>"})
         if len(tokens) > window:
             print(f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
                   f"the model sees only its last {window}")  # fmt: skip
@@ -137,6 +153,7 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(device, args.dtype)
+    text = read_prompt(args.prompt)  # before anything loads: a bad one fails at once
     base, adapter = find_run(args.run_dir, args.adapter, args.base)
     model = load_base(base)
     if adapter is not None:
@@ -144,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
         if args.merge:
             merge_lora(model)
     model.to(device).eval()
-    encoding, prompts = encode_prompts(model, [read_prompt(args.prompt)])
+    encoding, prompts = encode_prompts(model, [text])
 
     synchronize(device)
     start = time.perf_counter()

@@ -15,9 +15,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; cpu, cuda, cuda:N and mps are checked
+    against what torch sees, so a wrong one fails here rather than at the first tensor moved."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N (the N-th GPU) or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}, but CUDA is not available (torch.cuda.is_available() is False): "
+                             "use --device cpu")  # fmt: skip
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}, but MPS is not available: use --device cpu")
     return device
 
 

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, parse_targets, read_adapter
+from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, parse_targets, read_adapter, same_base
 from model import GPT
 from utils import atomic_path
 
@@ -120,10 +120,16 @@ def similarity(
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
-    if meta1["base_config"] != meta2["base_config"]:
-        raise ValueError(f"{path1} and {path2} adapt bases of different shapes: nothing to compare")
+    if meta1["base_config"] != meta2["base_config"] or not same_base(meta1["base_fingerprint"], meta2["base_fingerprint"]):
+        raise ValueError(
+            f"{path1} and {path2} were trained on different bases ({meta1['base']} and {meta2['base']}, whose "
+            "shapes or weights differ): similarity compares two adapters of one base"
+        )
     matrices1, matrices2 = adapted_matrices(tensors1), adapted_matrices(tensors2)
     common = [key for key in matrices1 if key in matrices2]
+    if not common:
+        names1, names2 = (", ".join(dict.fromkeys(name for _, name in m)) for m in (matrices1, matrices2))
+        raise ValueError(f"{path1} adapts {names1} and {path2} adapts {names2}: no matrix in common to compare")
     scalings = [m["lora_config"].scaling for m in (meta1, meta2)]
     records = []
     for layer, name in select(common, meta1["base_config"]["n_layer"], layers, targets):
@@ -239,6 +245,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def run_similarity(args: argparse.Namespace) -> None:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder: give a folder for the PNGs and similarity.json")
     records, metadata = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
     labels = tuple(f"r = {m['lora_config'].rank}" for m in metadata)
     if labels[0] == labels[1]:
@@ -270,6 +278,7 @@ def run_amplification(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog="lab.analysis",
         description="The LoRA paper's §7 on your own adapters: subspace similarity between two adapters "
         "(Fig. 3/4) and how ΔW relates to W (Table 7).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except (ValueError, OSError) as e:
-        sys.exit(f"analysis: error: {e}")
+        sys.exit(f"lab.analysis: error: {e}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def table_row(name: str, scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="lab.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="out", help="a train.py run folder (default: %(default)s)")
     parser.add_argument("--base", help="the base, if not the one the run names")
     parser.add_argument("--pairs", required=True, help="the split to decode: `context||target` lines (E2E test.txt)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                                   "no_repeat_ngram_size", "max_new_tokens")},
                        **scores}, f, indent=1)  # fmt: skip
     except (ValueError, OSError) as e:
-        sys.exit(f"e2e: error: {e}")
+        sys.exit(f"lab.e2e: error: {e}")
     print(f"decoded in {seconds:.0f} s; wrote {out}/predictions.txt, references.txt, scores.json\n")
     print("| model | BLEU | NIST | METEOR | ROUGE-L | CIDEr |\n|---|---|---|---|---|---|")
     print(table_row(name, scores))

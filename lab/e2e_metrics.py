@@ -214,7 +214,7 @@ def score(predictions: list[str], references: list[list[str]], java: bool = True
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="e2e_metrics",
+        prog="lab.e2e_metrics",
         description="Score E2E NLG outputs with BLEU, NIST, METEOR, ROUGE-L and CIDEr, as the challenge's official\n"
         "measure_scores.py -p does. METEOR, ROUGE-L and CIDEr need Java and pycocoevalcap (pip install pycocoevalcap).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         references = group_pairs(args.references)[1] if args.pairs else read_grouped_references(args.references)
         scores = score(read_predictions(args.predictions), references, java=not args.no_java)
     except (ValueError, OSError) as e:
-        sys.exit(f"e2e_metrics: error: {e}")
+        sys.exit(f"lab.e2e_metrics: error: {e}")
     for name, value in scores.items():
         print(f"{name}: {value:.4f}")
 

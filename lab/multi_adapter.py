@@ -169,7 +169,7 @@ def generate_with_adapters(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="lab.multi_adapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", action="append", required=True, metavar="FILE",
                         help="an adapter file; repeat it for several, with one --prompt each (or one for all)")  # fmt: skip
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="the text to continue; default: a newline")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             outputs = generate_with_adapters(model, prompts, args.adapter, args.merge, args.max_new_tokens,
                                              temperature=args.temperature)  # fmt: skip
     except (ValueError, OSError) as e:
-        sys.exit(f"multi_adapter: error: {e}")
+        sys.exit(f"lab.multi_adapter: error: {e}")
     for adapter, tokens in zip(args.adapter, outputs):
         print(f"--- {adapter} ---\n{encoding.decode(tokens)}")
 

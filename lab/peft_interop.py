@@ -117,37 +117,135 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
 # ---- import: PEFT -> ours ---------------------------------------------------------------------------
 
 
+# adapter_config.json fields that keep PEFT's LoRA plain (h = W0·x + scaling·B·A·x, W0 untouched),
+# each either handled below or without effect on the outputs. Any other field set to something
+# other than its default (False, None, {}, []) changes the method, and is refused.
+PLAIN_LORA_FIELDS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "init_lora_weights",
+    "runtime_config", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
+}  # fmt: skip
+# init_lora_weights values that only choose the starting A and B; the others (pissa, olora, corda,
+# loftq, ...) also rewrite W0 or switch to a LoRA variant, so the adapter needs a base we do not have
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+ADAPTABLE = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's Conv1D modules
+# the other modules of transformers' GPT2LMHeadModel, in each block and outside them
+OTHER_IN_BLOCK = ("ln_1", "attn", "attn.attn_dropout", "attn.resid_dropout", "ln_2", "mlp", "mlp.act", "mlp.dropout")
+OTHER_MODULES = ("transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h",
+                 "transformer.ln_f", "lm_head")  # fmt: skip
+
+
+def peft_pattern(pattern: dict | None, layer: int, module: str) -> object | None:
+    """The value a rank_pattern or alpha_pattern gives one module: the first key that matches its
+    name, as PEFT's get_pattern_key matches them; None if none does."""
+    name = f"transformer.h.{layer}.{module}"
+    key = next((k for k in pattern or {} if re.match(rf"(.*\.)?({k})$", name)), None)
+    return None if key is None else pattern[key]
+
+
+def peft_targets(peft_config: dict, name: str) -> bool:
+    """Whether PEFT puts a LoRA on the module `name` (transformers' GPT-2 naming), as PEFT's
+    check_target_module_exists decides from target_modules, exclude_modules and layers_to_transform."""
+
+    def matches(entries: str | list[str] | None) -> bool:
+        if not entries:
+            return False
+        if isinstance(entries, str):
+            return re.fullmatch(entries, name) is not None
+        return any(name == entry or name.endswith(f".{entry}") for entry in entries)
+
+    if matches(peft_config.get("exclude_modules")):
+        return False
+    target_modules = peft_config.get("target_modules") or ["c_attn"]  # unset: PEFT's default for GPT-2
+    if target_modules == "all-linear":  # every linear layer but the output one: GPT-2's four Conv1D
+        return name.endswith(ADAPTABLE) and name.startswith("transformer.h.")
+    if not matches(target_modules):
+        return False
+    layers = peft_config.get("layers_to_transform")
+    if layers is None:
+        return True
+    layer = re.match(r"transformer\.h\.(\d+)\.", name)
+    return layer is not None and int(layer.group(1)) in ([layers] if isinstance(layers, int) else layers)
+
+
+def check_peft_config(folder: str, peft_config: dict, layers: list[int]) -> None:
+    """Refuse, before any tensor or base is loaded, a PEFT config whose maths lora.py does not
+    reproduce exactly: another method, a LoRA variant, trained biases, or modules other than GPT-2's
+    four projections. fan_in_fan_out may be either: for GPT-2's Conv1D, PEFT sets it itself (with a
+    warning), and A and B have the same shapes both ways."""
+    where = f"{folder}/{CONFIG_FILE}"
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: a {peft_config.get('peft_type')} adapter, not LoRA")
+    if peft_config.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias {peft_config['bias']!r} trains biases too; lora.py adapts with A and B only "
+                         "(bias 'none')")  # fmt: skip
+    init = peft_config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise ValueError(f"{where}: init_lora_weights {init!r} changes the base weights or the method, not just "
+                         f"the start of A and B; lora.py imports plain LoRA ({', '.join(map(repr, PLAIN_INITS))})")
+    unsupported = [key for key, value in peft_config.items() if key not in PLAIN_LORA_FIELDS and value]
+    if unsupported:
+        raise ValueError(f"{where} uses {', '.join(unsupported)}: not plain LoRA, lora.py has no equivalent")
+    names = [f"transformer.h.{layer}.{module}" for layer in layers for module in ADAPTABLE + OTHER_IN_BLOCK]
+    every_layer = {**peft_config, "layers_to_transform": None}  # which layers: checked against the tensors
+    targeted = [name for name in [*names, *OTHER_MODULES] if peft_targets(every_layer, name)]
+    others = [name for name in targeted if not name.endswith(ADAPTABLE) or not name.startswith("transformer.h.")]
+    if others or not targeted:
+        what = f"puts a LoRA on {others[0]}" if others else "matches none of GPT-2's modules"
+        raise ValueError(f"{where}: target_modules {peft_config.get('target_modules')!r} {what}; lora.py adapts "
+                         f"{', '.join(ADAPTABLE)}")  # fmt: skip
+
+
 def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict | None]:
     """(adapter_config, {(layer, module): (A, B)}, our LoRA config if we exported it) of a PEFT folder.
-    Refuses what has no exact counterpart here: other PEFT methods, DoRA, trained biases, other modules."""
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        peft_config = json.load(f)
-    if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder} holds a {peft_config.get('peft_type')} adapter, not LoRA")
-    unsupported = [k for k in ("use_dora", "modules_to_save", "trainable_token_indices") if peft_config.get(k)]
-    if unsupported or peft_config.get("bias", "none") != "none":
-        what = ", ".join(unsupported) or "trained biases"
-        raise ValueError(f"{folder} uses {what}: not plain LoRA, lora.py has no equivalent")
+    Refuses what has no exact counterpart here (see check_peft_config) and tensors PEFT would not load."""
+    config_path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder} is not a PEFT folder: no {CONFIG_FILE}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            peft_config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not JSON ({e})") from None
+    if not isinstance(peft_config, dict) or "peft_type" not in peft_config:
+        raise ValueError(f"{config_path} is not a PEFT config (a JSON object with a peft_type)")
     with open_safetensors(os.path.join(folder, WEIGHTS_FILE)) as f:
         ours = (f.metadata() or {}).get("lora_py_config")
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         for key in f.keys():
             match = PEFT_KEY.fullmatch(key)
             if match is None:
-                raise ValueError(f"{folder}: tensor {key} is on a module lora.py does not adapt "
-                                 "(it adapts attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")  # fmt: skip
+                raise ValueError(f"{folder}: tensor {key} is not a LoRA A or B of a module lora.py adapts "
+                                 f"({', '.join(ADAPTABLE)})")  # fmt: skip
             layer, module, which = match.groups()
             pairs.setdefault((int(layer), module), {})[which] = f.get_tensor(key)
+    check_peft_config(folder, peft_config, sorted({layer for layer, _ in pairs}))
+    for (layer, module), pair in pairs.items():
+        where = f"{folder}: layer {layer}'s {module}"
+        if not peft_targets(peft_config, f"transformer.h.{layer}.{module}"):
+            raise ValueError(f"{where} has a LoRA that adapter_config.json leaves out (target_modules "
+                             f"{peft_config.get('target_modules')!r}, layers_to_transform "
+                             f"{peft_config.get('layers_to_transform')!r}): PEFT would not load it")  # fmt: skip
+        if set(pair) != {"A", "B"}:
+            has, lacks = ("lora_A", "lora_B") if "A" in pair else ("lora_B", "lora_A")
+            raise ValueError(f"{where} has a {has} but no {lacks}: the folder is incomplete")
+        A, B = pair["A"], pair["B"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"{where}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}; they must be "
+                             "(R, d_in) and (d_out, R), R the rank")  # fmt: skip
+        rank = peft_pattern(peft_config.get("rank_pattern"), layer, module) or peft_config.get("r", 8)
+        if A.shape[0] != rank:
+            raise ValueError(f"{where} has lora_A of rank {A.shape[0]}, but adapter_config.json says {rank} "
+                             "(r, rank_pattern): PEFT would refuse to load it")  # fmt: skip
     return peft_config, {key: (pair["A"], pair["B"]) for key, pair in pairs.items()}, json.loads(ours) if ours else None
 
 
 def peft_alpha(peft_config: dict, layer: int, module: str) -> float:
-    """The lora_alpha PEFT gives one module: alpha_pattern's first key that matches its name (as
-    PEFT's get_pattern_key matches them), else lora_alpha."""
-    name = f"transformer.h.{layer}.{module}"
-    pattern = peft_config.get("alpha_pattern") or {}
-    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
-    return pattern[key] if key is not None else peft_config.get("lora_alpha", 8)
+    """The lora_alpha PEFT gives one module: alpha_pattern's, else lora_alpha."""
+    alpha = peft_pattern(peft_config.get("alpha_pattern"), layer, module)
+    return alpha if alpha is not None else peft_config.get("lora_alpha", 8)
 
 
 def peft_scaling(peft_config: dict, alpha: float, rank: int) -> float:
@@ -210,8 +308,20 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
 # ---- command line -----------------------------------------------------------------------------------
 
 
+def check_out(path: str, folder: bool) -> None:
+    """Refuse an --out that cannot be written as asked (a folder for export, a file for import)
+    before anything is read or loaded."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path} is a file, not a folder: export writes a PEFT folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder: import writes one adapter file, e.g. {path}/adapter.safetensors")
+    if not folder and not os.path.isdir(os.path.dirname(path) or "."):
+        raise ValueError(f"--out {path}: no folder {os.path.dirname(path)} to write it in")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog="lab.peft_interop",
         description="Convert LoRA adapters between this project (adapter.safetensors) and Hugging Face PEFT "
         "(a folder with adapter_config.json + adapter_model.safetensors for transformers' GPT-2). "
         "Both directions are exact: the adapted model gives the same outputs.",
@@ -236,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     to_ours.add_argument("--out", required=True, help="the adapter file to write, e.g. adapter.safetensors")
     args = parser.parse_args(argv)
     try:
+        check_out(args.out, folder=args.command == "export")
         if args.command == "export":
             config = export_peft(args.adapter, args.out)
             ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
@@ -249,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
                   f"base {model.name_or_path}")  # fmt: skip
     except (ValueError, OSError) as e:
-        sys.exit(f"peft_interop: error: {e}")
+        sys.exit(f"lab.peft_interop: error: {e}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from utils import autocast
 
 def main() -> None:
     if not torch.cuda.is_available():
-        sys.exit("profile_step: error: this profiles a GPU step and needs CUDA (torch.cuda.is_available() is False)")
+        sys.exit("lab.profile_step: error: this profiles a GPU step and needs CUDA (torch.cuda.is_available() is False)")
     for rank in (0, 4):
         torch.manual_seed(0)
         with torch.device("cuda"):

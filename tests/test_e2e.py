@@ -60,5 +60,5 @@ def test_decodes_each_context_once_and_writes_what_the_official_script_reads(lor
 def test_bad_input_is_one_line(lora_run, tmp_path):
     with pytest.raises(SystemExit, match="e2e: error: .*missing.txt"):
         e2e.main(["--run-dir", lora_run, "--pairs", str(tmp_path / "missing.txt")])
-    with pytest.raises(SystemExit, match="e2e: error: .*nowhere holds neither"):
+    with pytest.raises(SystemExit, match="e2e: error: --run-dir .*nowhere: no such folder"):
         e2e.main(["--run-dir", str(tmp_path / "nowhere"), "--pairs", str(tmp_path / "test.txt")])

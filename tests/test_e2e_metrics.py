@@ -173,9 +173,9 @@ def test_cli_errors_are_one_line(tmp_path):
     references, outputs = tmp_path / "refs.txt", tmp_path / "outputs.txt"
     references.write_text("a\nb\n\nc\n")
     outputs.write_text("a\nb\nc\n")
-    with pytest.raises(SystemExit, match="^e2e_metrics: error: 3 predictions for 2 instances of references$"):
+    with pytest.raises(SystemExit, match="^lab.e2e_metrics: error: 3 predictions for 2 instances of references$"):
         main([str(references), str(outputs), "--no-java"])
     run = subprocess.run([sys.executable, "-m", "lab.e2e_metrics", str(references), str(tmp_path / "absent.txt")],
                          cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
     assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr.startswith("e2e_metrics: error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("lab.e2e_metrics: error: ") and run.stderr.count("\n") == 1, run.stderr

@@ -142,3 +142,20 @@ def test_command_line_and_clear_errors(hf_folder, tmp_path, capsys):
     config_path.write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(SystemExit, match="uses use_dora: not plain LoRA"):
         main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "x.safetensors")])
+
+
+@pytest.mark.parametrize("change", [
+    {"fan_in_fan_out": False},  # PEFT sets it back to True for GPT-2's Conv1D, with a warning
+    {"target_modules": "all-linear"}, {"target_modules": None}, {"target_modules": ["c_attn"]},
+    {"target_modules": r".*\.h\.\d+\.attn\.c_attn"}, {"layers_to_transform": [0, 1]},
+])  # fmt: skip
+def test_import_accepts_configs_peft_loads_the_same(hf_folder, tmp_path, change):
+    ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), LoRAConfig(rank=2, targets=("q", "v")))
+    randomize(ours)
+    save_adapter(ours, str(tmp_path / "adapter.safetensors"))
+    folder = tmp_path / "peft"
+    export_peft(str(tmp_path / "adapter.safetensors"), str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    imported = import_peft(str(folder), hf_folder)
+    assert (imported(tokens())[0] - ours(tokens())[0]).abs().max().item() <= 1e-5

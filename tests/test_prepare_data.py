@@ -72,7 +72,7 @@ def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
 @pytest.mark.parametrize(
     "file_name, content, fmt, message",
     [
-        (None, None, "text", "No such file"),
+        (None, None, "text", "no such file"),
         ("empty.txt", "  \n", "text", "is empty"),
         ("pairs.txt", "a||b\nno separator here\n", "pairs", "line 2: no '||'"),
         ("pairs.jsonl", '{"context": "a", "completion": "b"}\n{"context": 1}\n', "pairs", "line 2: not a JSON"),

@@ -101,8 +101,8 @@ def test_a_rank_0_run_is_the_model_itself(runs, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--run-dir", "nowhere"], "nowhere holds neither adapter.safetensors nor model.safetensors"),
-    ([], "out holds neither"),
+    (["--run-dir", "nowhere"], "--run-dir nowhere: no such folder"),
+    ([], "--run-dir out (the default): no such folder"),
     (["--adapter", "run_a/adapter.safetensors", "--base", "other"], "another base"),
     (["--adapter", "missing.safetensors"], "No such file"),
     (["--adapter", "base/config.json"], "base/config.json is not a safetensors file"),
