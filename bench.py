@@ -36,9 +36,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -64,8 +64,9 @@ PAPER_TRAINING = {"peak memory": 1.2e12 / 350e9, "checkpoint": 350e9 / 35e6, "to
 # Defaults per device: a CPU run finishes in a few minutes on 2 cores; on a GPU, the paper's shapes.
 DEFAULTS = {
     "cpu": dict(size="gpt2", shapes="1x128,4x256", train_shape="2x128", mixed="4x16+16", trials=5, warmup=1),
-    "cuda": dict(size="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20,
-                 warmup=5),
+    "cuda": dict(
+        size="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20, warmup=5
+    ),
 }
 
 
@@ -119,9 +120,16 @@ def describe_device(device: str) -> str:
 def row(table: str, what: str, metric: str, unit: str, values: list[float], reference: str, **context) -> dict:
     """One measurement as results.json stores it: median, min and max of its values."""
     return dict(
-        table=table, what=what, metric=metric, unit=unit, reference=reference, **context,
-        median=statistics.median(values), min=min(values), max=max(values),
-    )  # fmt: skip
+        table=table,
+        what=what,
+        metric=metric,
+        unit=unit,
+        reference=reference,
+        **context,
+        median=statistics.median(values),
+        min=min(values),
+        max=max(values),
+    )
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -173,10 +181,20 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
         for name, model in variants.items():
             params = base.num_parameters() if name == BASE else trainable_parameters(model)
             rows.append(
-                row("inference", name, "latency", "ms", [1000 * s for s in seconds[name]], BASE,
-                    model=args.size, shape=f"{batch}x{seq}", device=args.device_name,
-                    dtype=str(dtype).removeprefix("torch."), params=params)
-            )  # fmt: skip
+                row(
+                    "inference",
+                    name,
+                    "latency",
+                    "ms",
+                    [1000 * s for s in seconds[name]],
+                    BASE,
+                    model=args.size,
+                    shape=f"{batch}x{seq}",
+                    device=args.device_name,
+                    dtype=str(dtype).removeprefix("torch."),
+                    params=params,
+                )
+            )
     return rows
 
 
@@ -240,9 +258,15 @@ def peer_setup(run: TrainingRun, size: str, device: str):
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calling transformers' deprecated API
     c = PRETRAINED[size] if size in PRETRAINED else GPT.from_pretrained(size).config
     config = transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     with torch.device(device):
         model = transformers.GPT2LMHeadModel(config)
     if run.targets:
@@ -256,8 +280,9 @@ def peer_setup(run: TrainingRun, size: str, device: str):
     return model, lambda x: model(input_ids=x, labels=x).loss, model.save_pretrained
 
 
-def measure_training(run: TrainingRun, size: str, shape: tuple[int, int], device: str, dtype_name: str,
-                     warmup: int, trials: int) -> dict[str, list[float]]:  # fmt: skip
+def measure_training(
+    run: TrainingRun, size: str, shape: tuple[int, int], device: str, dtype_name: str, warmup: int, trials: int
+) -> dict[str, list[float]]:
     """Train `run` for warmup + trials steps of AdamW on random tokens; runs in its own process."""
     torch.manual_seed(0)
     dtype = resolve_dtype(device, dtype_name)
@@ -284,7 +309,9 @@ def measure_training(run: TrainingRun, size: str, shape: tuple[int, int], device
     )
     with tempfile.TemporaryDirectory() as folder:
         save(folder)
-        checkpoint_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+        checkpoint_bytes = sum(
+            os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
+        )
     return {
         "step time": [1000 * s for s in seconds],
         "tokens/s": [batch * seq / s for s in seconds],
@@ -295,8 +322,14 @@ def measure_training(run: TrainingRun, size: str, shape: tuple[int, int], device
     }
 
 
-UNITS = {"step time": "ms", "tokens/s": "tokens/s", "trainable params": "", "optimizer state": "B",
-         "peak memory": "B", "checkpoint": "B"}  # fmt: skip
+UNITS = {
+    "step time": "ms",
+    "tokens/s": "tokens/s",
+    "trainable params": "",
+    "optimizer state": "B",
+    "peak memory": "B",
+    "checkpoint": "B",
+}
 
 
 def training_rows(args: argparse.Namespace) -> list[dict]:
@@ -313,9 +346,19 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
             ).result()
         for metric, values in measured.items():
             rows.append(
-                row("training", run.what, metric, UNITS[metric], values, FULL, model=args.size,
-                    shape=f"{batch}x{seq}", device=args.device_name, dtype=str(dtype).removeprefix("torch."))
-            )  # fmt: skip
+                row(
+                    "training",
+                    run.what,
+                    metric,
+                    UNITS[metric],
+                    values,
+                    FULL,
+                    model=args.size,
+                    shape=f"{batch}x{seq}",
+                    device=args.device_name,
+                    dtype=str(dtype).removeprefix("torch."),
+                )
+            )
     return rows
 
 
@@ -352,11 +395,20 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
                 run = lambda: generate_with_adapters(model, prompts, names, merge[what], new_tokens, temperature=0)  # noqa: E731
                 seconds[what].append(timed(run, device))
     return [
-        row("mixed adapters", what, "tokens/s", "tokens/s", [n_adapters * new_tokens / s for s in seconds[what]],
-            MERGED_PER_ADAPTER, model=args.size, shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
-            device=args.device_name, dtype=str(dtype).removeprefix("torch."))
+        row(
+            "mixed adapters",
+            what,
+            "tokens/s",
+            "tokens/s",
+            [n_adapters * new_tokens / s for s in seconds[what]],
+            MERGED_PER_ADAPTER,
+            model=args.size,
+            shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
+            device=args.device_name,
+            dtype=str(dtype).removeprefix("torch."),
+        )
         for what in merge
-    ]  # fmt: skip
+    ]
 
 
 # ---- output: markdown tables, results.json, chart ---------------------------------------------------
@@ -425,7 +477,9 @@ def throughput_table(rows: list[dict]) -> str:
     """One row a way of serving: tokens/s median [min–max] and its ratio to the reference."""
     lines = ["| | tokens/s |", "|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['what']} | {number(r['median'])} [{number(r['min'])}–{number(r['max'])}] (×{r['ratio']:.3g}) |")
+        lines.append(
+            f"| {r['what']} | {number(r['median'])} [{number(r['min'])}–{number(r['max'])}] (×{r['ratio']:.3g}) |"
+        )
     return "\n".join(lines)
 
 
@@ -438,7 +492,9 @@ def markdown(rows: list[dict]) -> str:
         if table_rows:
             r = table_rows[0]
             shapes = ", ".join(dict.fromkeys(t["shape"] for t in table_rows))
-            parts.append(f"### {table}: {r['model']}, {shapes}, {r['device']}, {r['dtype']}\n\n{format_table(table_rows)}")
+            parts.append(
+                f"### {table}: {r['model']}, {shapes}, {r['device']}, {r['dtype']}\n\n{format_table(table_rows)}"
+            )
     return "\n\n".join(parts)
 
 
@@ -464,7 +520,10 @@ def chart(rows: list[dict], path: str) -> bool:
         names = list(dict.fromkeys(r["what"] for r in table_rows))
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
-            values = [next((r["ratio"] for r in table_rows if r["what"] == name and g in (r["shape"], r["metric"])), math.nan) for g in groups]
+            values = [
+                next((r["ratio"] for r in table_rows if r["what"] == name and g in (r["shape"], r["metric"])), math.nan)
+                for g in groups
+            ]
             ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
@@ -495,7 +554,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def parse_mixed(text: str) -> tuple[int, int, int]:
     """'4x16+16' -> (4 adapters, 16 prompt tokens, 16 new tokens)."""
     shape, _, new_tokens = text.partition("+")
-    (n_adapters, prompt_length), = parse_shapes(shape)
+    ((n_adapters, prompt_length),) = parse_shapes(shape)
     if not new_tokens.isdigit() or int(new_tokens) < 1:
         raise ValueError(f"bad --mixed '{text}': write adapters x prompt tokens + new tokens, like 4x16+16")
     return n_adapters, prompt_length, int(new_tokens)
@@ -509,17 +568,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(a few minutes on 2 cores). CUDA: gpt2-medium, the paper's shapes 32x512,16x256,1x128, training "
         "8x512, 20 trials, bf16 (estimated at 2 to 3 minutes on an H100). Example: python bench.py --peers --out bench-out",
     )
-    parser.add_argument("--size", help="the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with "
-                        "random weights (no download), or a checkpoint folder")  # fmt: skip
+    parser.add_argument(
+        "--size",
+        help="the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with "
+        "random weights (no download), or a checkpoint folder",
+    )
     parser.add_argument("--shapes", help="inference shapes, batch x sequence length, comma-separated: 1x128,4x256")
     parser.add_argument("--train-shape", help="the training batch, batch x sequence length: 2x128")
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
     parser.add_argument("--warmup", type=int, help="untimed ones before them")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
-                        "bfloat16, float16: inference casts the weights, training uses autocast")  # fmt: skip
-    parser.add_argument("--peers", action="store_true",
-                        help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+        "bfloat16, float16: inference casts the weights, training uses autocast",
+    )
+    parser.add_argument(
+        "--peers", action="store_true", help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA"
+    )
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
     parser.add_argument("--mixed", help="adapters x prompt tokens + new tokens for the mixed-adapter table: 4x16+16")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
@@ -558,8 +625,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(markdown(rows))
     os.makedirs(args.out, exist_ok=True)
     with atomic_path(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(dict(command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
-                       torch=torch.__version__, rows=rows), f, indent=1)  # fmt: skip
+        json.dump(
+            dict(
+                command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
+                torch=torch.__version__,
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
     drawn = chart(rows, os.path.join(args.out, "bench.png")) if rows else False
     print(f"\nwrote {os.path.join(args.out, 'results.json')}" + (" and bench.png" if drawn else ""))
     return rows

@@ -11,9 +11,8 @@ changes. After training, W = W0 + (α/r)·B·A can be computed once ("merged"), 
 exactly what the base costs (§4.1, "No Additional Inference Latency"); subtracting it again
 recovers W0, so one base serves many tasks by swapping small adapters.
 
-This file reads in that order: the layer (eq. 3), the settings, injection by exact name (§4.2:
-which weights), merge/unmerge, then adapter files. Several adapters in one batch live in
-lab/multi_adapter.py.
+This file reads in that order: the layer (eq. 3), the settings, injection by exact name (§4.2),
+merge/unmerge, adapter files. Several adapters in one batch: lab/multi_adapter.py.
 """
 
 from __future__ import annotations
@@ -30,19 +29,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from model import GPT, config_dict
+from model import GPT, config_dict, same_weights, weights_fingerprint
 from utils import atomic_path, open_safetensors, unwrap
 
 
 class LoRALinear(nn.Linear):
     """An nn.Linear whose frozen weight W0 gets a low-rank update on some chunks of its rows.
 
-    `parts` names each adapted chunk of output rows: GPT-2's fused c_attn (3C × C) holds Wq, Wk
-    and Wv stacked, and each adapted one gets its own A and B, as in the authors' `MergedLinear`
-    with `enable_lora=[True, False, True]`. An unfused matrix (c_proj, c_fc) has one part that
-    covers all its rows. It subclasses nn.Linear and shares the original's weight and bias, so
-    the base keys of the state dict (`...c_attn.weight`) do not change.
-    """
+    `parts` names each adapted chunk of output rows: GPT-2's fused c_attn (3C × C) stacks Wq, Wk
+    and Wv, and each adapted one gets its own A and B (the authors' `MergedLinear(enable_lora=[True,
+    False, True])`); c_proj or c_fc has one part of all its rows. It shares the original's weight
+    and bias, so the state dict's base keys (`...c_attn.weight`) do not change."""
 
     def __init__(self, base: nn.Linear, parts: dict[str, slice], config: LoRAConfig):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate none
@@ -51,11 +48,11 @@ class LoRALinear(nn.Linear):
         self.parts = parts
         self.scaling = config.scaling
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        r = config.rank
-        self.lora_A = nn.ParameterDict({name: nn.Parameter(torch.empty(r, self.in_features, **factory)) for name in parts})
-        self.lora_B = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros(rows.stop - rows.start, r, **factory)) for name, rows in parts.items()}
+        r, rows = config.rank, {name: part.stop - part.start for name, part in parts.items()}
+        self.lora_A = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(r, self.in_features, **factory)) for name in parts}
         )
+        self.lora_B = nn.ParameterDict({name: nn.Parameter(torch.zeros(rows[name], r, **factory)) for name in parts})
         self.lora_dropout = nn.Dropout(config.dropout)
         self.merged = False
         for A in self.lora_A.values():
@@ -78,22 +75,23 @@ class LoRALinear(nn.Linear):
         """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in)."""
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
 
-    @torch.no_grad()
     def merge(self) -> None:
         """W ← W0 + ΔW on each part. In fp32, then cast once; a second call changes nothing."""
         if not self.merged:
-            for name, rows in self.parts.items():
-                self.weight[rows] = (self.weight[rows].float() + self.delta_weight(name)).to(self.weight.dtype)
+            self._add_to_weight(+1.0)
             self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """W ← W - ΔW. Exact to fp32 rounding (≤ 1e-6) in fp32. In bf16/fp16 the weight was rounded
         when merged, so W0 comes back only to within about one rounding step of that dtype."""
         if self.merged:
-            for name, rows in self.parts.items():
-                self.weight[rows] = (self.weight[rows].float() - self.delta_weight(name)).to(self.weight.dtype)
+            self._add_to_weight(-1.0)
             self.merged = False
+
+    @torch.no_grad()
+    def _add_to_weight(self, sign: float) -> None:
+        for name, rows in self.parts.items():
+            self.weight[rows] = (self.weight[rows].float() + sign * self.delta_weight(name)).to(self.weight.dtype)
 
 
 # ---- the settings, and which weights to adapt (§4.2, Table 5: Wq and Wv together do best) --------
@@ -101,8 +99,7 @@ class LoRALinear(nn.Linear):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a target sits in each transformer block: a module, and which of the equal chunks its
-    rows split into (q, k, v are chunks 0, 1, 2 of the fused c_attn)."""
+    """A target's place in each block: a module, and which equal chunk of its rows (q is chunk 0 of 3 of c_attn)."""
 
     module: str
     chunk: int = 0
@@ -135,28 +132,16 @@ class LoRAConfig:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown or not targets:
-            raise ValueError(f"unknown LoRA target {unknown or targets!r}: choose from {', '.join(TARGETS)}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA target {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
         # canonical order, no repeats, so equal configs compare equal
-        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
 
     @property
     def scaling(self) -> float:
         """α/r (§4.1): the factor on B·A."""
         return self.alpha / self.rank
-
-    def require_only(self, understood: set[str], who: str) -> None:
-        """Refuse in one line a setting that `who` does not understand, unless it has its default value."""
-        odd = [f.name for f in fields(self) if f.name not in understood and getattr(self, f.name) != f.default]
-        if odd:
-            raise ValueError(f"{who} does not support the LoRA setting(s) {', '.join(odd)} of this adapter")
-
-
-def parse_targets(text: str) -> tuple[str, ...]:
-    """'q,v' -> ('q', 'v'), for command lines."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
@@ -170,9 +155,9 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
     for block in model.transformer.h:
         parts_by_module: dict[str, dict[str, slice]] = {}
         for name in config.targets:
-            for target in TARGETS[name]:
-                size = block.get_submodule(target.module).out_features // target.n_chunks
-                parts_by_module.setdefault(target.module, {})[name] = slice(target.chunk * size, (target.chunk + 1) * size)
+            for t in TARGETS[name]:
+                size = block.get_submodule(t.module).out_features // t.n_chunks
+                parts_by_module.setdefault(t.module, {})[name] = slice(t.chunk * size, (t.chunk + 1) * size)
         for module_name, parts in parts_by_module.items():
             parent_name, _, child_name = module_name.rpartition(".")
             base = block.get_submodule(module_name)
@@ -183,13 +168,6 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def parameter_summary(model: nn.Module) -> str:
-    """'trainable 147,456 / total 124,587,264 (0.12%)'; tied weights counted once."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)"
 
 
 # ---- merge / unmerge (§4.1: no additional inference latency) -------------------------------------
@@ -225,8 +203,7 @@ ADAPTER_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
 
 
 def adapter_key(block: int, module: str, matrix: str, target: str) -> str:
-    """The one spelling of an adapter tensor's name: (0, 'attn.c_attn', 'A', 'q') ->
-    'transformer.h.0.attn.c_attn.lora_A.q', the name of the parameter in the model."""
+    """The one spelling of an adapter tensor's name (the parameter's): 'transformer.h.0.attn.c_attn.lora_A.q'."""
     return f"transformer.h.{block}.{module}.lora_{matrix}.{target}"
 
 
@@ -245,23 +222,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: GPT) -> dict[str, list[float]]:
-    """A strided sample of 8 values of every frozen base tensor (W0 for the adapted ones), enough to
-    tell two bases of the same shape apart, even when only one block differs. It is compared with a
-    tolerance (`same_base`), so a bf16 copy of the base still matches."""
+    """The fingerprint of the frozen base (W0 for the adapted weights; lm_head is wte), which
+    `check_adapter_fits` compares with `same_weights`."""
     raw = unwrap(model)
     with unmerged(raw), torch.no_grad():
-        return {
-            name: tensor.flatten()[:: max(1, tensor.numel() // 8)][:8].float().tolist()
-            for name, tensor in raw.state_dict().items()
-            if ".lora_" not in name and ".bank_" not in name and name != "lm_head.weight"  # lm_head: tied to wte
-        }
-
-
-def same_base(fingerprint: dict[str, list[float]], other: dict[str, list[float]]) -> bool:
-    """Whether two base fingerprints come from the same weights (to bf16 rounding)."""
-    return fingerprint.keys() == other.keys() and all(
-        torch.allclose(torch.tensor(fingerprint[k]), torch.tensor(other[k]), rtol=1e-2, atol=1e-3) for k in fingerprint
-    )
+        base = {k: v for k, v in raw.state_dict().items() if ".lora_" not in k and ".bank_" not in k}
+        return weights_fingerprint({k: v for k, v in base.items() if k != "lm_head.weight"})
 
 
 def save_adapter(model: GPT, path: str) -> None:
@@ -283,10 +249,14 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     `lora_config` a LoRAConfig."""
     with open_safetensors(path) as f:
         raw_metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    if "lora_config" not in raw_metadata:
-        raise ValueError(f"{path} is not an adapter written by lora.py (no lora_config in its metadata)")
-    metadata = {k: json.loads(v) if k != "base" else v for k, v in raw_metadata.items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    missing = [k for k in ("lora_config", "base", "base_config", "base_fingerprint") if k not in raw_metadata]
+    if missing:
+        raise ValueError(f"{path} is not an adapter written by lora.py (no {missing[0]} in its metadata)")
+    try:
+        metadata = {k: json.loads(v) if k != "base" else v for k, v in raw_metadata.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has metadata that is not JSON ({e})") from None
     unknown = sorted(set(metadata["lora_config"]) - {f.name for f in fields(LoRAConfig)})
     if unknown:
         raise ValueError(f"{path} has LoRA settings this lora.py does not know: {', '.join(unknown)}")
@@ -314,7 +284,7 @@ def check_adapter_fits(raw: GPT, path: str, tensors: dict[str, torch.Tensor], me
     diff = [f"{k} {want.get(k)} (adapter) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
     if diff:
         raise ValueError(f"{path} was trained on another base ({metadata['base']}): {', '.join(diff)}")
-    if not same_base(metadata["base_fingerprint"], base_fingerprint(raw)):
+    if not same_weights(metadata["base_fingerprint"], base_fingerprint(raw)):
         raise ValueError(
             f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's "
             f"('{raw.name_or_path}'): load the base it was trained on"
@@ -325,8 +295,6 @@ def check_adapter_fits(raw: GPT, path: str, tensors: dict[str, torch.Tensor], me
     elif replace(have, dropout=0.0) != replace(config, dropout=0.0):  # dropout does not change the tensors
         raise ValueError(f"{path} has LoRA {config}; the model's LoRA is {have}")
     expected = lora_state_dict(raw)
-    if set(tensors) != set(expected):
-        raise ValueError(f"{path} holds other LoRA tensors than this model ({sorted(set(tensors) ^ set(expected))[:3]} ...)")
-    wrong = [k for k in tensors if tensors[k].shape != expected[k].shape]
+    wrong = sorted(set(tensors) ^ set(expected)) or [k for k in tensors if tensors[k].shape != expected[k].shape]
     if wrong:
-        raise ValueError(f"{path}: {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, the model's {tuple(expected[wrong[0]].shape)}")
+        raise ValueError(f"{path} holds other LoRA tensors than this model's LoRA: {wrong[0]} differs or is missing")

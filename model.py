@@ -242,12 +242,23 @@ class GPT(nn.Module):
         os.makedirs(folder, exist_ok=True)
         c = self.config
         hf_config = dict(
-            architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
-            n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon,
-            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-            bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
-        )  # fmt: skip
+            architectures=["GPT2LMHeadModel"],
+            model_type="gpt2",
+            activation_function="gelu_new",
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_ctx=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            layer_norm_epsilon=c.layer_norm_epsilon,
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            bos_token_id=50256,
+            eos_token_id=50256,
+            tie_word_embeddings=True,
+        )
         with atomic_path(os.path.join(folder, "config.json")) as tmp, open(tmp, "w") as f:
             json.dump(hf_config, f, indent=2)
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
@@ -354,8 +365,9 @@ def _checkpoint_files(name_or_path: str) -> tuple[str, str]:
     if os.path.exists(name_or_path):
         raise ValueError(f"{name_or_path} is a file, not a GPT-2 checkpoint folder (config.json + model.safetensors)")
     if os.sep in name_or_path or name_or_path.startswith("."):
-        raise FileNotFoundError(f"{name_or_path}: no such folder (a GPT-2 checkpoint folder holds config.json and "
-                                "model.safetensors)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{name_or_path}: no such folder (a GPT-2 checkpoint folder holds config.json and model.safetensors)"
+        )
     if name_or_path not in PRETRAINED:
         raise ValueError(
             f"unknown model '{name_or_path}': use one of {', '.join(PRETRAINED)}, "
@@ -401,3 +413,16 @@ def _to_hf_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def config_dict(config: GPTConfig) -> dict:
     """The architecture fields of a config (what an adapter must match), dropout left out."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "dropout"}
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """A strided sample of 8 values of every tensor: enough to tell two checkpoints of one shape
+    apart, even when only one block differs."""
+    return {name: t.flatten()[:: max(1, t.numel() // 8)][:8].float().tolist() for name, t in state.items()}
+
+
+def same_weights(fingerprint: dict[str, list[float]], other: dict[str, list[float]]) -> bool:
+    """Whether two fingerprints come from the same weights, to bf16 rounding (so a bf16 copy matches)."""
+    return fingerprint.keys() == other.keys() and all(
+        torch.allclose(torch.tensor(fingerprint[k]), torch.tensor(other[k]), rtol=1e-2, atol=1e-3) for k in fingerprint
+    )

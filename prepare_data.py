@@ -55,7 +55,9 @@ def download(url: str, what: str) -> str:
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.read().decode("utf-8")
     except OSError as e:  # urllib's URLError is an OSError
-        raise OSError(f"could not download {what} from {url} ({e}): get the file another way and pass it with --input") from None
+        raise OSError(
+            f"could not download {what} from {url} ({e}): get the file another way and pass it with --input"
+        ) from None
 
 
 def read_source(path: str | None, flag: str = "--input") -> tuple[str, str]:
@@ -68,7 +70,9 @@ def read_source(path: str | None, flag: str = "--input") -> tuple[str, str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. with iconv") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. with iconv"
+        ) from None
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text, path
@@ -154,16 +158,21 @@ def write_folder(folder: str, arrays: dict[str, np.ndarray], meta: dict, texts: 
 
 
 def prepare(
-    input_path: str | None, name: str, format: str = "text", out_dir: str = "data", val_fraction: float = 0.1,
+    input_path: str | None,
+    name: str,
+    format: str = "text",
+    out_dir: str = "data",
+    val_fraction: float = 0.1,
     val_path: str | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; the validation split
     is `val_path` when given, else the end of the input. Returns the folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
-        raise ValueError(f"--name {name!r} must be a plain folder name, without a path separator: the folder "
-                         "goes under --out-dir")  # fmt: skip
+        raise ValueError(
+            f"--name {name!r} must be a plain folder name, without a path separator: the folder goes under --out-dir"
+        )
     folder = os.path.join(out_dir, name)
     for path, flag in ((out_dir, "--out-dir "), (folder, "")):
         if os.path.exists(path) and not os.path.isdir(path):
@@ -177,8 +186,10 @@ def prepare(
 def prepare_e2e(out_dir: str = "data", name: str = "e2e") -> str:
     """The E2E NLG challenge as the LoRA authors distribute it: train.txt -> train.bin, valid.txt ->
     val.bin, and test.txt kept as it is, for `python -m lab.e2e --pairs <folder>/test.txt`."""
-    sources = {split: (download(E2E_URL.format(split=split), f"E2E's {split}.txt"), E2E_URL.format(split=split))
-               for split in ("train", "valid", "test")}  # fmt: skip
+    sources = {
+        split: (download(E2E_URL.format(split=split), f"E2E's {split}.txt"), E2E_URL.format(split=split))
+        for split in ("train", "valid", "test")
+    }
     arrays, meta = tokenize(sources["train"], sources["valid"], "pairs", 0.1)
     folder = os.path.join(out_dir, name)
     write_folder(folder, arrays, meta, texts={"test.txt": sources["test"][0]})
@@ -192,8 +203,14 @@ def tokenize(
     of the validation input (None: the end of the training input is held out)."""
     encoding = load_encoding()
     assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
-    meta = {"format": format, "tokenizer": "gpt2", "vocab_size": encoding.n_vocab, "eot_token": encoding.eot_token,
-            "source": train[1], "val_source": val[1] if val else train[1]}  # fmt: skip
+    meta = {
+        "format": format,
+        "tokenizer": "gpt2",
+        "vocab_size": encoding.n_vocab,
+        "eot_token": encoding.eot_token,
+        "source": train[1],
+        "val_source": val[1] if val else train[1],
+    }
     if format == "text":
         tokens = tokenize_text(train[0], encoding)
         if val is not None:
@@ -211,12 +228,20 @@ def tokenize(
             # the last examples are held out: E2E lists several targets per context next to each
             # other, so a tail split keeps most val contexts unseen in training
             if len(pairs) < 2:
-                raise ValueError(f"{train[1]} holds {len(pairs)} pair(s); need at least 2 to split off a validation set")
+                raise ValueError(
+                    f"{train[1]} holds {len(pairs)} pair(s); need at least 2 to split off a validation set"
+                )
             n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
             train_pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
-        (train_tokens, train_mask), (val_tokens, val_mask) = (tokenize_pairs(p, encoding) for p in (train_pairs, val_pairs))
-        arrays = {"train.bin": train_tokens, "train_mask.bin": train_mask,
-                  "val.bin": val_tokens, "val_mask.bin": val_mask}  # fmt: skip
+        (train_tokens, train_mask), (val_tokens, val_mask) = (
+            tokenize_pairs(p, encoding) for p in (train_pairs, val_pairs)
+        )
+        arrays = {
+            "train.bin": train_tokens,
+            "train_mask.bin": train_mask,
+            "val.bin": val_tokens,
+            "val_mask.bin": val_mask,
+        }
         meta.update(separator=PAIR_SEPARATOR, train_examples=len(train_pairs), val_examples=len(val_pairs))
     meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
     return arrays, meta
@@ -228,19 +253,31 @@ def main(argv: list[str] | None = None) -> str:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", help="a local UTF-8 file; without it tiny Shakespeare is downloaded")
-    parser.add_argument("--name",
-                        help="the folder to write under --out-dir; if unset, shakespeare or the input file's name")
-    parser.add_argument("--format", choices=("text", "pairs"), default="text",
-                        help="text: one running text. pairs: lines 'context||target', or JSONL with 'context' and "
-                        "'completion' fields when the file ends in .jsonl; loss is then on the target only")
+    parser.add_argument(
+        "--name", help="the folder to write under --out-dir; if unset, shakespeare or the input file's name"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "pairs"),
+        default="text",
+        help="text: one running text. pairs: lines 'context||target', or JSONL with 'context' and "
+        "'completion' fields when the file ends in .jsonl; loss is then on the target only",
+    )
     parser.add_argument("--out-dir", default="data", help="where the <name> folder is written")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share held out for validation (the end of the text, or the last pairs)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share held out for validation (the end of the text, or the last pairs)",
+    )
     parser.add_argument("--val-input", help="a local file to validate on, instead of holding out --val-fraction")
-    parser.add_argument("--e2e", action="store_true",
-                        help="download the E2E NLG splits in the LoRA authors' format into --out-dir/e2e (train, "
-                        "valid as val, and test.txt for python -m lab.e2e); local copies: --format pairs --input "
-                        "train.txt --val-input valid.txt")
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="download the E2E NLG splits in the LoRA authors' format into --out-dir/e2e (train, "
+        "valid as val, and test.txt for python -m lab.e2e); local copies: --format pairs --input "
+        "train.txt --val-input valid.txt",
+    )
     args = parser.parse_args(argv)
     name = args.name or ("shakespeare" if args.input is None else os.path.splitext(os.path.basename(args.input))[0])
     if args.e2e and (args.input or args.val_input or args.format != "text"):

@@ -29,29 +29,52 @@ from utils import autocast, resolve_device, resolve_dtype, synchronize
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--run-dir", default=None, metavar="DIR",
-                        help="a train.py run folder: its adapter.safetensors (a LoRA run) or its config.json + "
-                             "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --base is given")
+    source.add_argument(
+        "--run-dir",
+        default=None,
+        metavar="DIR",
+        help="a train.py run folder: its adapter.safetensors (a LoRA run) or its config.json + "
+        "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --base is given",
+    )
     source.add_argument("--adapter", metavar="FILE", help="an adapter file, instead of a run folder")
-    parser.add_argument("--base", default=None,
-                        help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder with config.json + "
-                             "model.safetensors. Default: the base named in the adapter")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder with config.json + "
+        "model.safetensors. Default: the base named in the adapter",
+    )
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights before generating")
-    parser.add_argument("--prompt", default="\n", metavar="TEXT",
-                        help="the text to continue, or FILE:path to read it from a file (default: a newline)")
-    parser.add_argument("--num-samples", type=int, default=1,
-                        help="samples of the prompt, in one batch (default: %(default)s)")
+    parser.add_argument(
+        "--prompt",
+        default="\n",
+        metavar="TEXT",
+        help="the text to continue, or FILE:path to read it from a file (default: a newline)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=1, help="samples of the prompt, in one batch (default: %(default)s)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=200,
-                        help="sample only from the k most likely tokens, 0 for all (default: %(default)s)")
-    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the keys and values of earlier tokens; --no-kv-cache reruns the whole context "
-                             "for every token, to measure what the cache saves")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=200,
+        help="sample only from the k most likely tokens, 0 for all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the keys and values of earlier tokens; --no-kv-cache reruns the whole context "
+        "for every token, to measure what the cache saves",
+    )
     parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (bfloat16 or float16 on a GPU, float32 on the CPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 or float16 on a GPU, float32 on the CPU), float32, bfloat16, float16",
+    )
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         parser.error("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
@@ -70,8 +93,10 @@ def find_run(run: str | None, adapter: str | None, base: str | None) -> tuple[st
     folder = run or "out"
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
-        raise ValueError(f"--run-dir {folder}{' (the default)' * (run is None)}: {what}; give a train.py run "
-                         "folder, or --adapter FILE or --base gpt2")  # fmt: skip
+        raise ValueError(
+            f"--run-dir {folder}{' (the default)' * (run is None)}: {what}; give a train.py run "
+            "folder, or --adapter FILE or --base gpt2"
+        )
     if os.path.isfile(os.path.join(folder, "adapter.safetensors")):  # a LoRA run
         path = os.path.join(folder, "adapter.safetensors")
         return base or read_adapter(path)[1]["base"], path
@@ -85,8 +110,10 @@ def find_run(run: str | None, adapter: str | None, base: str | None) -> tuple[st
 
 def load_base(name_or_path: str) -> GPT:
     if name_or_path == "scratch":
-        raise ValueError("the adapter was trained on a random base (--base scratch) that was never saved: "
-                         "train the base with --rank 0 first, then the adapter on that folder")  # fmt: skip
+        raise ValueError(
+            "the adapter was trained on a random base (--base scratch) that was never saved: "
+            "train the base with --rank 0 first, then the adapter on that folder"
+        )
     return GPT.from_pretrained(name_or_path)
 
 
@@ -120,8 +147,10 @@ def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, lis
     for i, text in enumerate(texts):
         tokens = encoding.encode(text, allowed_special={"<|endoftext|>"})
         if len(tokens) > window:
-            print(f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
-                  f"the model sees only its last {window}")  # fmt: skip
+            print(
+                f"note: prompt {i + 1} has {len(tokens)} tokens, more than the context ({window}); "
+                f"the model sees only its last {window}"
+            )
             tokens = tokens[-window:]
         prompts.append(tokens)
     return encoding, prompts
@@ -166,8 +195,14 @@ def run(args: argparse.Namespace) -> None:
     synchronize(device)
     start = time.perf_counter()
     with autocast(device, dtype):
-        outputs = generate_rows(model, prompts * args.num_samples, args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k or None, use_cache=args.kv_cache)  # fmt: skip
+        outputs = generate_rows(
+            model,
+            prompts * args.num_samples,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            use_cache=args.kv_cache,
+        )
     synchronize(device)
     seconds = time.perf_counter() - start
 
@@ -177,8 +212,10 @@ def run(args: argparse.Namespace) -> None:
     n_tokens = len(outputs) * args.max_new_tokens
     how = ("merged" if args.merge else "unmerged") if adapter else "base only"
     cache = "KV cache" if args.kv_cache else "no KV cache"
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:,.1f} tokens/s ({how}, {cache}, {device}, "
-          f"{str(dtype).removeprefix('torch.')})")  # fmt: skip
+    print(
+        f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:,.1f} tokens/s ({how}, {cache}, {device}, "
+        f"{str(dtype).removeprefix('torch.')})"
+    )
 
 
 if __name__ == "__main__":

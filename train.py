@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, parameter_summary, parse_targets, save_adapter
+from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
-from utils import atomic_path, autocast, resolve_device, resolve_dtype
+from utils import atomic_path, autocast, parameter_summary, resolve_device, resolve_dtype
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
 
@@ -44,64 +44,111 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     lora = parser.add_argument_group("LoRA (paper §4)")
-    lora.add_argument("--rank", type=int, default=4,
-                      help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)")
-    lora.add_argument("--alpha", type=float, default=None,
-                      help="α (default 8): the update is scaled by α/r, so α need not change with r")
-    lora.add_argument("--targets", default=None,
-                      help=f"weights to adapt, from q,k,v,o,mlp (default {','.join(DEFAULT_TARGETS)}; §4.2: q,v does "
-                      "best on a budget)")
+    lora.add_argument(
+        "--rank", type=int, default=4, help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)"
+    )
+    lora.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="α (default 8): the update is scaled by α/r, so α need not change with r",
+    )
+    lora.add_argument(
+        "--targets",
+        default=None,
+        help=f"weights to adapt, from q,k,v,o,mlp (default {','.join(DEFAULT_TARGETS)}; §4.2: q,v does "
+        "best on a budget)",
+    )
     lora.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA branch's input (default 0)")
     model = parser.add_argument_group("model and data")
-    model.add_argument("--base", default="gpt2",
-                       help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder "
-                       "written by a --rank 0 run, or scratch (a new random model shaped by --n-layer/--n-head/--n-embd)")
+    model.add_argument(
+        "--base",
+        default="gpt2",
+        help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder "
+        "written by a --rank 0 run, or scratch (a new random model shaped by --n-layer/--n-head/--n-embd)",
+    )
     model.add_argument("--n-layer", type=int, default=6, help="with --base scratch: transformer blocks")
     model.add_argument("--n-head", type=int, default=6, help="with --base scratch: attention heads")
     model.add_argument("--n-embd", type=int, default=384, help="with --base scratch: width")
-    model.add_argument("--data", default=DEFAULT_DATA,
-                       help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)")
-    model.add_argument("--run-dir", default="out",
-                       help="the run folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
-                       "holds another run is refused unless --resume continues it or --overwrite replaces it")
+    model.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)",
+    )
+    model.add_argument(
+        "--run-dir",
+        default="out",
+        help="the run folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
+        "holds another run is refused unless --resume continues it or --overwrite replaces it",
+    )
     loop = parser.add_argument_group("optimisation")
     loop.add_argument("--max-iters", type=int, default=1000, help="optimizer steps")
-    loop.add_argument("--epochs", type=float, default=None,
-                      help="with --batching padded: passes over the training examples, instead of --max-iters")
-    loop.add_argument("--batching", choices=("packed", "padded"), default="packed",
-                      help="packed: windows of --block-size tokens cut anywhere (pairs: starting on an example). "
-                      "padded: one whole example per row, right-padded, never two in a row (pairs only; the "
-                      "paper's E2E setup)")
+    loop.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="with --batching padded: passes over the training examples, instead of --max-iters",
+    )
+    loop.add_argument(
+        "--batching",
+        choices=("packed", "padded"),
+        default="packed",
+        help="packed: windows of --block-size tokens cut anywhere (pairs: starting on an example). "
+        "padded: one whole example per row, right-padded, never two in a row (pairs only; the "
+        "paper's E2E setup)",
+    )
     loop.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
     loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence (the longest, when padded)")
     loop.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    loop.add_argument("--lr", type=float, default=None,
-                      help="peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a "
-                      "pre-trained model")
-    loop.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",
-                      help="after the warmup: cosine decay to lr/10, or linear decay to 0 (the paper's E2E runs)")
+    loop.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a pre-trained model",
+    )
+    loop.add_argument(
+        "--schedule",
+        choices=("cosine", "linear"),
+        default="cosine",
+        help="after the warmup: cosine decay to lr/10, or linear decay to 0 (the paper's E2E runs)",
+    )
     loop.add_argument("--warmup-iters", type=int, default=100, help="steps of linear warmup from 0 to --lr")
     loop.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on matrices only")
     loop.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0: off)")
     loop.add_argument("--label-smoothing", type=float, default=0.0, help="of the cross-entropy (the paper's E2E: 0.1)")
-    loop.add_argument("--eval-interval", type=int, default=100,
-                      help="evaluate and write a checkpoint every this many steps")
+    loop.add_argument(
+        "--eval-interval", type=int, default=100, help="evaluate and write a checkpoint every this many steps"
+    )
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
     loop.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
-    loop.add_argument("--resume", action="store_true",
-                      help="continue the run in --run-dir from train_state.pt (the trained weights, optimizer, step and "
-                      "random states)")
-    loop.add_argument("--overwrite", action="store_true",
-                      help="replace the run in --run-dir: its files are deleted once every input has been checked")
+    loop.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from train_state.pt (the trained weights, optimizer, step and "
+        "random states)",
+    )
+    loop.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --run-dir: its files are deleted once every input has been checked",
+    )
     system = parser.add_argument_group("hardware")
     system.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    system.add_argument("--dtype", default="auto",
-                        help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; "
-                        "float32 on CPU), float32, bfloat16, float16")
-    system.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)")
+    system.add_argument(
+        "--dtype",
+        default="auto",
+        help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; "
+        "float32 on CPU), float32, bfloat16, float16",
+    )
+    system.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)"
+    )
     args = parser.parse_args(argv)
-    given = [flag for flag, value in (("--alpha", args.alpha), ("--targets", args.targets),
-                                      ("--lora-dropout", args.lora_dropout)) if value is not None]  # fmt: skip
+    given = [
+        flag
+        for flag, value in (("--alpha", args.alpha), ("--targets", args.targets), ("--lora-dropout", args.lora_dropout))
+        if value is not None
+    ]
     if args.rank < 0:
         parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
     if args.rank == 0 and given:
@@ -111,10 +158,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.epochs is not None and args.batching != "padded":
         parser.error("--epochs counts passes over whole examples: use it with --batching padded")
     if min(args.max_iters, args.batch_size, args.block_size, args.grad_accum, args.eval_interval, args.eval_iters) < 1:
-        parser.error("--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters must be >= 1")
+        parser.error(
+            "--max-iters, --batch-size, --block-size, --grad-accum, --eval-interval, --eval-iters must be >= 1"
+        )
     if args.lr is None:
         args.lr = 1e-4 if args.rank == 0 and args.base != "scratch" else 1e-3
     return args
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'q,v' -> ('q', 'v')."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
@@ -167,7 +221,9 @@ def load_split(folder: str, split: str, block_size: int, eot_token: int, padded:
     mask_path = os.path.join(folder, f"{split}_mask.bin")
     if not os.path.exists(mask_path):
         if padded:
-            raise ValueError(f"{folder} holds plain text: --batching padded needs pairs (prepare_data.py --format pairs)")
+            raise ValueError(
+                f"{folder} holds plain text: --batching padded needs pairs (prepare_data.py --format pairs)"
+            )
         if len(tokens) <= block_size:
             raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
         return Split(tokens, None, None, None)
@@ -246,12 +302,19 @@ def epoch_order(n_examples: int, first: int, count: int, seed: int) -> list[int]
 
 
 def training_batches(
-    split: Split, args: argparse.Namespace, step: int, process: int, world_size: int, generator: torch.Generator,
+    split: Split,
+    args: argparse.Namespace,
+    step: int,
+    process: int,
+    world_size: int,
+    generator: torch.Generator,
     device: str,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The --grad-accum micro-batches of one optimizer step for one process."""
     if args.batching == "packed":
-        return [packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.grad_accum)]
+        return [
+            packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.grad_accum)
+        ]
     batches = []
     for micro in range(args.grad_accum):
         first = ((step * args.grad_accum + micro) * world_size + process) * args.batch_size
@@ -264,18 +327,25 @@ def validation_batches(split: Split, args: argparse.Namespace, device: str) -> l
     seeded windows (packed), or the first examples in order (padded)."""
     if args.batching == "packed":
         generator = torch.Generator().manual_seed(args.seed)
-        return [packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.eval_iters)]
+        return [
+            packed_batch(split, args.batch_size, args.block_size, generator, device) for _ in range(args.eval_iters)
+        ]
     n = min(len(split.examples), args.eval_iters * args.batch_size)
-    return [padded_batch(split, list(range(i, min(i + args.batch_size, n))), device) for i in range(0, n, args.batch_size)]
+    return [
+        padded_batch(split, list(range(i, min(i + args.batch_size, n))), device) for i in range(0, n, args.batch_size)
+    ]
 
 
 # ---- the loss: summed over target tokens, divided by their count over the whole step -------------
 
 
 def forward_backward(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision, scaler: torch.amp.GradScaler,
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    precision,
+    scaler: torch.amp.GradScaler,
     label_smoothing: float = 0.0,
-) -> float:  # fmt: skip
+) -> float:
     """Accumulate one optimizer step's gradient over `batches` (micro-batches). The loss is the sum
     of cross-entropies over every target token of every micro-batch (and every process), divided
     by their total count: the mean over target tokens of the whole step, as if it were one batch,
@@ -355,8 +425,12 @@ def run_settings(args: argparse.Namespace) -> dict:
     """What must not change between a run and its --resume."""
     config = lora_config(args)
     scratch = [args.n_layer, args.n_head, args.n_embd, args.block_size] if args.base == "scratch" else None
-    return {"base": args.base, "scratch_shape": scratch, "lora": asdict(config) if config else None,
-            "batching": args.batching}  # fmt: skip
+    return {
+        "base": args.base,
+        "scratch_shape": scratch,
+        "lora": asdict(config) if config else None,
+        "batching": args.batching,
+    }
 
 
 def rng_state(generator: torch.Generator, device: str) -> dict:
@@ -367,13 +441,23 @@ def rng_state(generator: torch.Generator, device: str) -> dict:
 
 
 def save_checkpoint(
-    args: argparse.Namespace, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    step: int, rng_states: list[dict],
-) -> None:  # fmt: skip
+    args: argparse.Namespace,
+    raw_model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    rng_states: list[dict],
+) -> None:
     """train_state.pt (the checkpoint, one atomic file), then the adapter or model (the product)."""
     trained = {name: p.detach() for name, p in raw_model.named_parameters() if p.requires_grad}
-    state = {"step": step, "trained": trained, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "rng": rng_states, "settings": run_settings(args)}  # fmt: skip
+    state = {
+        "step": step,
+        "trained": trained,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_states,
+        "settings": run_settings(args),
+    }
     with atomic_path(os.path.join(args.run_dir, "train_state.pt")) as tmp:
         torch.save(state, tmp)
     if args.rank > 0:
@@ -387,23 +471,33 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds Python objects, not only tensors: it is not a state written by train.py, "
-                         "and it is refused") from None  # fmt: skip
+        raise ValueError(
+            f"{path} holds Python objects, not only tensors: it is not a state written by train.py, and it is refused"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
     keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
     if not isinstance(state, dict) or any(key not in state for key in keys):
         raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
     if state["settings"] != settings:
-        raise ValueError(f"{path} was written by a run with {state['settings']}; resume it with the same "
-                         "--base, --rank, --alpha, --targets, --lora-dropout and --batching")  # fmt: skip
+        raise ValueError(
+            f"{path} was written by a run with {state['settings']}; resume it with the same "
+            "--base, --rank, --alpha, --targets, --lora-dropout and --batching"
+        )
     if len(state["rng"]) != world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many")
     return state
 
 
-def restore(state: dict, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            generator: torch.Generator, process: int, device: str) -> int:  # fmt: skip
+def restore(
+    state: dict,
+    raw_model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    process: int,
+    device: str,
+) -> int:
     """Put the trained weights, optimizer and this process's random states back; returns the step."""
     trainable = {name: p for name, p in raw_model.named_parameters() if p.requires_grad}
     if state["trained"].keys() != trainable.keys():
@@ -439,8 +533,15 @@ def setup_processes(device: str) -> tuple[str, int, int]:
 def build_model(base: str, args: argparse.Namespace, vocab_size: int, config: LoRAConfig | None) -> GPT:
     """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it (which freezes the base)."""
     if base == "scratch":
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab_size,
-                              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))  # fmt: skip
+        model = GPT(
+            GPTConfig(
+                block_size=args.block_size,
+                vocab_size=vocab_size,
+                n_layer=args.n_layer,
+                n_head=args.n_head,
+                n_embd=args.n_embd,
+            )
+        )
     else:
         model = GPT.from_pretrained(base)
     if model.config.vocab_size < vocab_size or model.config.block_size < args.block_size:
@@ -502,7 +603,9 @@ def train(args: argparse.Namespace) -> GPT:
     if world_size > 1 and is_main:
         dist.barrier()
     padded = args.batching == "padded"
-    train_split, val_split = (load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val"))
+    train_split, val_split = (
+        load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val")
+    )
     if args.epochs is not None:
         examples_per_step = args.batch_size * args.grad_accum * world_size
         args.max_iters = max(1, math.ceil(args.epochs * len(train_split.examples) / examples_per_step))
@@ -538,8 +641,9 @@ def train(args: argparse.Namespace) -> GPT:
             log(log_path, {"step": 0, "val_loss": evaluate(compiled, val_batches, precision)})
     model.train()
     started, training_seconds, n_tokens, saved_step = time.time(), 0.0, 0, start_step if args.resume else None
-    bar = tqdm(range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters,
-               disable=not is_main)  # fmt: skip
+    bar = tqdm(
+        range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters, disable=not is_main
+    )
     step = start_step
     try:
         for step in bar:
@@ -571,22 +675,36 @@ def train(args: argparse.Namespace) -> GPT:
                 if is_main:
                     val_loss = evaluate(compiled, val_batches, precision)  # the main process's alone
                     bar.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-                    log(log_path, {"step": done, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                                   "tokens_per_s": round(tokens_per_s), "elapsed_s": round(time.time() - started, 1)})  # fmt: skip
+                    log(
+                        log_path,
+                        {
+                            "step": done,
+                            "train_loss": train_loss,
+                            "val_loss": val_loss,
+                            "lr": lr,
+                            "tokens_per_s": round(tokens_per_s),
+                            "elapsed_s": round(time.time() - started, 1),
+                        },
+                    )
                     save_checkpoint(args, raw_model, optimizer, scaler, done, states)
                     saved_step = done
     except KeyboardInterrupt:
         bar.close()
-        where = (f"the last checkpoint is step {saved_step} in {args.run_dir}: --resume continues from it"
-                 if saved_step is not None else "no checkpoint was written yet")  # fmt: skip
+        where = (
+            f"the last checkpoint is step {saved_step} in {args.run_dir}: --resume continues from it"
+            if saved_step is not None
+            else "no checkpoint was written yet"
+        )
         print(f"train.py: interrupted at step {step}; {where}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
 
     if is_main and start_step < args.max_iters:
         written = os.path.join(args.run_dir, "adapter.safetensors" if config else "model.safetensors")
-        print(f"{args.max_iters - start_step} steps in {time.time() - started:.0f} s, {tokens_per_s:,.0f} tokens/s "
-              f"while training; wrote {written} ({os.path.getsize(written) / 1e6:.2f} MB)")  # fmt: skip
+        print(
+            f"{args.max_iters - start_step} steps in {time.time() - started:.0f} s, {tokens_per_s:,.0f} tokens/s "
+            f"while training; wrote {written} ({os.path.getsize(written) / 1e6:.2f} MB)"
+        )
     if world_size > 1:
         dist.destroy_process_group()
     return raw_model

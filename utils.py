@@ -27,12 +27,15 @@ def resolve_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N (the N-th GPU) or mps")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}, but CUDA is not available (torch.cuda.is_available() is False): "
-                             "use --device cpu")  # fmt: skip
+            raise ValueError(
+                f"--device {device}, but CUDA is not available (torch.cuda.is_available() is False): use --device cpu"
+            )
         index = torch.device(device).index
         if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
-                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+            raise ValueError(
+                f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s): "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}, but MPS is not available: use --device cpu")
     return device
@@ -59,6 +62,13 @@ def synchronize(device: str) -> None:
     """Wait for the GPU, so that a timer measures the work and not its queueing."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """'trainable 147,456 / total 124,587,264 (0.12%)'; tied weights counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {trainable:,} / total {total:,} ({100 * trainable / total:.2f}%)"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

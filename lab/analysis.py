@@ -36,8 +36,8 @@ import sys
 
 import torch
 
-from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, parse_targets, read_adapter, same_base
-from model import GPT
+from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, read_adapter
+from model import GPT, same_weights
 from utils import atomic_path
 
 # ---- which matrices an adapter adapts ------------------------------------------------------------
@@ -75,11 +75,12 @@ def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str
             if not -n_layer <= index < n_layer:
                 raise ValueError(f"layer {index} does not exist: the base has {n_layer} layers (0 to {n_layer - 1})")
             wanted_layers.add(index % n_layer)
-    wanted = MATRICES if targets == "all" else parse_targets(targets)
+    wanted = MATRICES if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
     chosen = [
-        (layer, name) for layer, name in names
+        (layer, name)
+        for layer, name in names
         if layer in wanted_layers and any(name == t or name.startswith(f"{t}.") for t in wanted)
-    ]  # fmt: skip
+    ]
     if not chosen:
         available = sorted({name for _, name in names})
         raise ValueError(f"the adapter(s) adapt none of {targets!r}: they adapt {', '.join(available)}")
@@ -120,7 +121,9 @@ def similarity(
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
-    if meta1["base_config"] != meta2["base_config"] or not same_base(meta1["base_fingerprint"], meta2["base_fingerprint"]):
+    if meta1["base_config"] != meta2["base_config"] or not same_weights(
+        meta1["base_fingerprint"], meta2["base_fingerprint"]
+    ):
         raise ValueError(
             f"{path1} and {path2} were trained on different bases ({meta1['base']} and {meta2['base']}, whose "
             "shapes or weights differ): similarity compares two adapters of one base"
@@ -145,14 +148,20 @@ def plot_similarity(records: list[dict], labels: tuple[str, str], of: str, path:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(records), figsize=(4.6 * len(records), 3.2), squeeze=False, layout="constrained")
     for ax, record in zip(axes[0], records):
         r1, r2 = record["phi"].shape
-        image = ax.imshow(record["phi"].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5), interpolation="nearest")  # fmt: skip
+        image = ax.imshow(
+            record["phi"].numpy(),
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            aspect="auto",
+            extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5),
+            interpolation="nearest",
+        )
         ax.set_title(f"layer {record['layer']}, {record['matrix']}: φ({of}, i, j)")
         ax.set_xlabel(f"j (top-j of {labels[1]})")
         ax.set_ylabel(f"i (top-i of {labels[0]})")
@@ -221,10 +230,13 @@ def amplification_tables(paths: list[str], base: str | None, layers: str, target
 
 
 TABLE7_ROWS = [
-    ("onto ΔW", "‖Uᵀ W Vᵀ‖_F, U,V of ΔW"), ("onto W", "             U,V of W"),
-    ("onto random", "             U,V random"), ("‖W‖_F", "‖W‖_F"), ("‖ΔW‖_F", "‖ΔW‖_F"),
+    ("onto ΔW", "‖Uᵀ W Vᵀ‖_F, U,V of ΔW"),
+    ("onto W", "             U,V of W"),
+    ("onto random", "             U,V random"),
+    ("‖W‖_F", "‖W‖_F"),
+    ("‖ΔW‖_F", "‖ΔW‖_F"),
     ("amplification", "‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F"),
-]  # fmt: skip
+]
 
 
 def format_table(results: list[dict]) -> str:
@@ -253,8 +265,10 @@ def run_similarity(args: argparse.Namespace) -> None:
         labels = ("adapter 1", "adapter 2")
     for r in records:
         diagonal = " ".join(f"{r['phi'][i, i]:.2f}" for i in range(min(8, *r["phi"].shape)))
-        print(f"layer {r['layer']:>2} {r['matrix']:<10} φ(i, i), i = 1, 2, ...: {diagonal}   "
-              f"(random subspaces: ≈ i/{r['dim']})")
+        print(
+            f"layer {r['layer']:>2} {r['matrix']:<10} φ(i, i), i = 1, 2, ...: {diagonal}   "
+            f"(random subspaces: ≈ i/{r['dim']})"
+        )
     os.makedirs(args.out, exist_ok=True)
     for layer in dict.fromkeys(r["layer"] for r in records):
         path = os.path.join(args.out, f"similarity-layer{layer}.png")
@@ -262,9 +276,11 @@ def run_similarity(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     summary = dict(
         paper="LoRA §7.2, eq. 4: phi[i-1][j-1] = ‖U1_iᵀ U2_j‖²_F / min(i, j); random subspaces: ≈ max(i, j)/dim",
-        of=args.of, adapters=[args.adapter1, args.adapter2], ranks=[m["lora_config"].rank for m in metadata],
+        of=args.of,
+        adapters=[args.adapter1, args.adapter2],
+        ranks=[m["lora_config"].rank for m in metadata],
         results=[dict(r, phi=r["phi"].tolist()) for r in records],
-    )  # fmt: skip
+    )
     path = os.path.join(args.out, "similarity.json")
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, ensure_ascii=False)
@@ -289,28 +305,35 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser(
-        "similarity", help="φ(A1, A2, i, j) between two adapters of one base (paper §7.2, Fig. 3 and 4)",
+        "similarity",
+        help="φ(A1, A2, i, j) between two adapters of one base (paper §7.2, Fig. 3 and 4)",
         description="Normalised subspace similarity φ(i, j) = ‖U1_iᵀ U2_j‖²_F / min(i, j) between the top-i "
         "singular directions of adapter 1 and the top-j of adapter 2, per layer and adapted matrix. "
         "Needs only the two adapter files (same base, any ranks). Writes a heatmap PNG per layer "
         "(one panel per matrix) and all numbers to similarity.json.",
-    )  # fmt: skip
+    )
     sim.add_argument("adapter1", help="an adapter file (adapter.safetensors), e.g. trained with --rank 8")
     sim.add_argument("adapter2", help="a second adapter of the same base, e.g. --rank 64, or another seed")
-    sim.add_argument("--of", default="A", choices=["A", "B", "delta"],
-                     help="whose singular vectors: A's right ones as in the paper (default), B's left ones, "
-                     "or ΔW's right ones")  # fmt: skip
+    sim.add_argument(
+        "--of",
+        default="A",
+        choices=["A", "B", "delta"],
+        help="whose singular vectors: A's right ones as in the paper (default), B's left ones, or ΔW's right ones",
+    )
     sim.add_argument("--layers", default="-1", help="comma-separated layer indices (-1 = last) or 'all' (default -1)")
     sim.add_argument("--targets", default="all", help="matrices: q,k,v,o,mlp, or all that both adapt (default all)")
-    sim.add_argument("--out", default="out-analysis", help="folder for the PNGs and similarity.json (default: out-analysis)")
+    sim.add_argument(
+        "--out", default="out-analysis", help="folder for the PNGs and similarity.json (default: out-analysis)"
+    )
     sim.set_defaults(run=run_similarity)
 
     amp = commands.add_parser(
-        "amplification", help="ΔW against W: the paper's Table 7 (§7.3)",
+        "amplification",
+        help="ΔW against W: the paper's Table 7 (§7.3)",
         description="For each adapter (one table column each): ‖Uᵀ W Vᵀ‖_F with U, V the top-r singular "
         "vectors of ΔW, of W itself and of a random matrix; ‖W‖_F; ‖ΔW‖_F; and the amplification factor "
         "‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F. W comes from the base (default: the base recorded in the adapter).",
-    )  # fmt: skip
+    )
     amp.add_argument("adapters", nargs="+", help="one or more adapter files of the same base")
     amp.add_argument("--base", default=None, help="the base: gpt2... or a folder (default: the adapter's own)")
     amp.add_argument("--layers", default="-1", help="comma-separated layer indices (-1 = last) or 'all' (default -1)")

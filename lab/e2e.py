@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 import prepare_data
@@ -71,14 +70,20 @@ def table_row(name: str, scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="lab.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lab.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", default="out", help="a train.py run folder (default: %(default)s)")
     parser.add_argument("--base", help="the base, if not the one the run names")
     parser.add_argument("--pairs", required=True, help="the split to decode: `context||target` lines (E2E test.txt)")
     parser.add_argument("--out", help="where the predictions, references and scores go (default: RUN_DIR/e2e-<split>)")
     parser.add_argument("--num-beams", type=int, default=10, help="beam size (Table 11: 10)")
-    parser.add_argument("--length-penalty", type=float, default=0.9,
-                        help="a finished beam scores Σ log p / length^this (Table 11: 0.9; the authors' command: 0.8)")
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.9,
+        help="a finished beam scores Σ log p / length^this (Table 11: 0.9; the authors' command: 0.8)",
+    )
     parser.add_argument("--no-repeat-ngram-size", type=int, default=4, help="(Table 11: 4; 0: off)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the longest text decoded (the authors': 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts decoded together (× beams rows)")
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, ...")
     args = parser.parse_args(argv)
     if min(args.num_beams, args.max_new_tokens, args.batch_size, args.limit or 1) < 1 or args.no_repeat_ngram_size < 0:
-        parser.error("--num-beams, --max-new-tokens, --batch-size and --limit must be >= 1, --no-repeat-ngram-size >= 0")
+        parser.error(
+            "--num-beams, --max-new-tokens, --batch-size and --limit must be >= 1, --no-repeat-ngram-size >= 0"
+        )
     try:
         contexts, references = group_pairs(args.pairs)
         contexts, references = contexts[: args.limit], references[: args.limit]
@@ -98,8 +105,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{name}: {len(contexts)} contexts, {sum(map(len, references))} references from {args.pairs}")
         started = time.time()
         with autocast(device, resolve_dtype(device, args.dtype)):
-            predictions = decode(model, contexts, args.batch_size, args.max_new_tokens, num_beams=args.num_beams,
-                                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)  # fmt: skip
+            predictions = decode(
+                model,
+                contexts,
+                args.batch_size,
+                args.max_new_tokens,
+                num_beams=args.num_beams,
+                length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
+            )
         seconds = time.time() - started
         os.makedirs(out, exist_ok=True)
         with atomic_path(os.path.join(out, "predictions.txt")) as tmp, open(tmp, "w") as f:
@@ -108,10 +122,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f.write("\n".join("".join(r + "\n" for r in group) for group in references))
         scores = score(predictions, references)
         with atomic_path(os.path.join(out, "scores.json")) as tmp, open(tmp, "w") as f:
-            json.dump({"model": name, "pairs": args.pairs, "contexts": len(contexts), "decode_s": round(seconds, 1),
-                       "settings": {k: getattr(args, k) for k in ("num_beams", "length_penalty",
-                                                                  "no_repeat_ngram_size", "max_new_tokens")},
-                       **scores}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "model": name,
+                    "pairs": args.pairs,
+                    "contexts": len(contexts),
+                    "decode_s": round(seconds, 1),
+                    "settings": {
+                        k: getattr(args, k)
+                        for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens")
+                    },
+                    **scores,
+                },
+                f,
+                indent=1,
+            )
     except (ValueError, OSError) as e:
         sys.exit(f"lab.e2e: error: {e}")
     print(f"decoded in {seconds:.0f} s; wrote {out}/predictions.txt, references.txt, scores.json\n")

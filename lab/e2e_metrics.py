@@ -88,8 +88,15 @@ def group_pairs(lines_or_path: str | os.PathLike | Iterable[str]) -> tuple[list[
 def mteval_tokenize(sentence: str) -> list[str]:
     """mteval-v13a's tokenization as pymteval's NGramScore.tokenize writes it, lowercased (pymteval lowercases
     the tokens when it counts n-grams). An empty sentence is one empty token, as there."""
-    for old, new in (("<skipped>", ""), ("-\n", ""), ("\n", " "), ("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"),
-                     ("&gt;", ">")):  # fmt: skip
+    for old, new in (
+        ("<skipped>", ""),
+        ("-\n", ""),
+        ("\n", " "),
+        ("&quot;", '"'),
+        ("&amp;", "&"),
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+    ):
         sentence = sentence.replace(old, new)
     sentence = f" {sentence} "
     sentence = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", sentence)  # punctuation
@@ -222,14 +229,23 @@ def main(argv: list[str] | None = None) -> None:
         "  python -m lab.e2e_metrics devel-conc.txt baseline-output.txt\n"
         "  python -m lab.e2e_metrics --pairs data/e2e/test.txt predictions.txt",
     )
-    parser.add_argument("references", metavar="REFERENCES",
-                        help="human references, one a line, a blank line between instances (the official "
-                        "format); with --pairs, context||target lines")  # fmt: skip
-    parser.add_argument("predictions", metavar="PREDICTIONS",
-                        help="system outputs, one a line, in the order of the instances in REFERENCES")  # fmt: skip
-    parser.add_argument("--pairs", action="store_true",
-                        help="REFERENCES holds context||target lines (the LoRA authors' data/e2e/*.txt); the "
-                        "instances are its distinct contexts, in order of first appearance")  # fmt: skip
+    parser.add_argument(
+        "references",
+        metavar="REFERENCES",
+        help="human references, one a line, a blank line between instances (the official "
+        "format); with --pairs, context||target lines",
+    )
+    parser.add_argument(
+        "predictions",
+        metavar="PREDICTIONS",
+        help="system outputs, one a line, in the order of the instances in REFERENCES",
+    )
+    parser.add_argument(
+        "--pairs",
+        action="store_true",
+        help="REFERENCES holds context||target lines (the LoRA authors' data/e2e/*.txt); the "
+        "instances are its distinct contexts, in order of first appearance",
+    )
     parser.add_argument("--no-java", action="store_true", help="BLEU and NIST only: pure Python, no Java needed")
     args = parser.parse_args(argv)
     try:

@@ -23,8 +23,15 @@ from torch import nn
 
 import sample
 from lora import (
-    LoRALinear, adapter_key, check_adapter_fits, lora_layers, lora_state_dict, merge_lora, read_adapter, unmerge_lora, unmerged,
-)  # fmt: skip
+    LoRALinear,
+    adapter_key,
+    check_adapter_fits,
+    lora_state_dict,
+    merge_lora,
+    read_adapter,
+    unmerge_lora,
+    unmerged,
+)
 from model import GPT
 from utils import autocast, resolve_device, resolve_dtype, unwrap
 
@@ -162,20 +169,30 @@ def generate_with_adapters(
         if adapter is not None:
             set_adapter(model, adapter)
             merge_lora(model)
-        for row, tokens in zip(rows, sample.generate_rows(model, [prompts[i] for i in rows], max_new_tokens, **sampling)):
+        for row, tokens in zip(
+            rows, sample.generate_rows(model, [prompts[i] for i in rows], max_new_tokens, **sampling)
+        ):
             outputs[row] = tokens
         unmerge_lora(model)
     return outputs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lab.multi_adapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", action="append", required=True, metavar="FILE",
-                        help="an adapter file; repeat it for several, with one --prompt each (or one for all)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="lab.multi_adapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="an adapter file; repeat it for several, with one --prompt each (or one for all)",
+    )
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="the text to continue; default: a newline")
     parser.add_argument("--base", help="the base; default: the one named in the first adapter")
-    parser.add_argument("--merge", action="store_true",
-                        help="one pass per adapter with it merged, instead of one mixed batch")  # fmt: skip
+    parser.add_argument(
+        "--merge", action="store_true", help="one pass per adapter with it merged, instead of one mixed batch"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=100, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
@@ -192,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         texts = texts * len(args.adapter) if len(texts) == 1 else texts
         encoding, prompts = sample.encode_prompts(model, texts)
         with autocast(device, resolve_dtype(device)):
-            outputs = generate_with_adapters(model, prompts, args.adapter, args.merge, args.max_new_tokens,
-                                             temperature=args.temperature)  # fmt: skip
+            outputs = generate_with_adapters(
+                model, prompts, args.adapter, args.merge, args.max_new_tokens, temperature=args.temperature
+            )
     except (ValueError, OSError) as e:
         sys.exit(f"lab.multi_adapter: error: {e}")
     for adapter, tokens in zip(args.adapter, outputs):

@@ -38,14 +38,21 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import save_file
 
 from lora import (
-    TARGETS, LoRAConfig, apply_lora, lora_state_dict, adapter_key, parse_adapter_key, read_adapter, save_adapter,
-)  # fmt: skip
+    TARGETS,
+    LoRAConfig,
+    adapter_key,
+    apply_lora,
+    lora_state_dict,
+    parse_adapter_key,
+    read_adapter,
+    save_adapter,
+)
 from model import GPT, PRETRAINED
 from utils import atomic_path, open_safetensors, unwrap
 
@@ -81,7 +88,10 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
         raw = unwrap(adapter)
         tensors = {k: v.detach().cpu() for k, v in lora_state_dict(raw).items()}
         config, base = raw.lora_config, raw.name_or_path
-    config.require_only({"rank", "alpha", "targets", "dropout"}, "the PEFT export")
+    understood = {"rank", "alpha", "targets", "dropout"}  # a setting added to LoRAConfig is refused until mapped here
+    odd = [f.name for f in fields(config) if f.name not in understood and getattr(config, f.name) != f.default]
+    if odd:
+        raise ValueError(f"the PEFT export does not support the LoRA setting(s) {', '.join(odd)} of this adapter")
     r, n_layer = config.rank, 1 + max(parse_adapter_key(k)[0] for k in tensors)
     peft_tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for module in modules_of(config.targets):
@@ -99,12 +109,21 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.contiguous()
             peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B
     peft_config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM",
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
         base_model_name_or_path=HUB_ORGANISATION + base if base in PRETRAINED else base,
-        r=r, lora_alpha=config.alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        target_modules=modules_of(config.targets), fan_in_fan_out=True,  # GPT-2's Conv1D
-        lora_dropout=config.dropout, bias="none", use_rslora=False, use_dora=False, inference_mode=True,
-    )  # fmt: skip
+        r=r,
+        lora_alpha=config.alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=modules_of(config.targets),
+        fan_in_fan_out=True,  # GPT-2's Conv1D
+        lora_dropout=config.dropout,
+        bias="none",
+        use_rslora=False,
+        use_dora=False,
+        inference_mode=True,
+    )
     os.makedirs(folder, exist_ok=True)
     with atomic_path(os.path.join(folder, WEIGHTS_FILE)) as tmp:
         # the header records our config, so an import can undo the stacking tensor for tensor
@@ -121,20 +140,51 @@ def export_peft(adapter: str | GPT, folder: str) -> dict:
 # each either handled below or without effect on the outputs. Any other field set to something
 # other than its default (False, None, {}, []) changes the method, and is refused.
 PLAIN_LORA_FIELDS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-    "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
-    "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "init_lora_weights",
-    "runtime_config", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
-}  # fmt: skip
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "fan_in_fan_out",
+    "bias",
+    "init_lora_weights",
+    "runtime_config",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
 # init_lora_weights values that only choose the starting A and B; the others (pissa, olora, corda,
 # loftq, ...) also rewrite W0 or switch to a LoRA variant, so the adapter needs a base we do not have
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 ADAPTABLE = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's Conv1D modules
 # the other modules of transformers' GPT2LMHeadModel, in each block and outside them
 OTHER_IN_BLOCK = ("ln_1", "attn", "attn.attn_dropout", "attn.resid_dropout", "ln_2", "mlp", "mlp.act", "mlp.dropout")
-OTHER_MODULES = ("transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h",
-                 "transformer.ln_f", "lm_head")  # fmt: skip
+OTHER_MODULES = (
+    "transformer",
+    "transformer.wte",
+    "transformer.wpe",
+    "transformer.drop",
+    "transformer.h",
+    "transformer.ln_f",
+    "lm_head",
+)
 
 
 def peft_pattern(pattern: dict | None, layer: int, module: str) -> object | None:
@@ -179,12 +229,15 @@ def check_peft_config(folder: str, peft_config: dict, layers: list[int]) -> None
     if peft_config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: a {peft_config.get('peft_type')} adapter, not LoRA")
     if peft_config.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias {peft_config['bias']!r} trains biases too; lora.py adapts with A and B only "
-                         "(bias 'none')")  # fmt: skip
+        raise ValueError(
+            f"{where}: bias {peft_config['bias']!r} trains biases too; lora.py adapts with A and B only (bias 'none')"
+        )
     init = peft_config.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
-        raise ValueError(f"{where}: init_lora_weights {init!r} changes the base weights or the method, not just "
-                         f"the start of A and B; lora.py imports plain LoRA ({', '.join(map(repr, PLAIN_INITS))})")
+        raise ValueError(
+            f"{where}: init_lora_weights {init!r} changes the base weights or the method, not just "
+            f"the start of A and B; lora.py imports plain LoRA ({', '.join(map(repr, PLAIN_INITS))})"
+        )
     unsupported = [key for key, value in peft_config.items() if key not in PLAIN_LORA_FIELDS and value]
     if unsupported:
         raise ValueError(f"{where} uses {', '.join(unsupported)}: not plain LoRA, lora.py has no equivalent")
@@ -194,8 +247,10 @@ def check_peft_config(folder: str, peft_config: dict, layers: list[int]) -> None
     others = [name for name in targeted if not name.endswith(ADAPTABLE) or not name.startswith("transformer.h.")]
     if others or not targeted:
         what = f"puts a LoRA on {others[0]}" if others else "matches none of GPT-2's modules"
-        raise ValueError(f"{where}: target_modules {peft_config.get('target_modules')!r} {what}; lora.py adapts "
-                         f"{', '.join(ADAPTABLE)}")  # fmt: skip
+        raise ValueError(
+            f"{where}: target_modules {peft_config.get('target_modules')!r} {what}; lora.py adapts "
+            f"{', '.join(ADAPTABLE)}"
+        )
 
 
 def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict | None]:
@@ -217,28 +272,35 @@ def read_peft(folder: str) -> tuple[dict, dict[tuple[int, str], tuple[torch.Tens
         for key in f.keys():
             match = PEFT_KEY.fullmatch(key)
             if match is None:
-                raise ValueError(f"{folder}: tensor {key} is not a LoRA A or B of a module lora.py adapts "
-                                 f"({', '.join(ADAPTABLE)})")  # fmt: skip
+                raise ValueError(
+                    f"{folder}: tensor {key} is not a LoRA A or B of a module lora.py adapts ({', '.join(ADAPTABLE)})"
+                )
             layer, module, which = match.groups()
             pairs.setdefault((int(layer), module), {})[which] = f.get_tensor(key)
     check_peft_config(folder, peft_config, sorted({layer for layer, _ in pairs}))
     for (layer, module), pair in pairs.items():
         where = f"{folder}: layer {layer}'s {module}"
         if not peft_targets(peft_config, f"transformer.h.{layer}.{module}"):
-            raise ValueError(f"{where} has a LoRA that adapter_config.json leaves out (target_modules "
-                             f"{peft_config.get('target_modules')!r}, layers_to_transform "
-                             f"{peft_config.get('layers_to_transform')!r}): PEFT would not load it")  # fmt: skip
+            raise ValueError(
+                f"{where} has a LoRA that adapter_config.json leaves out (target_modules "
+                f"{peft_config.get('target_modules')!r}, layers_to_transform "
+                f"{peft_config.get('layers_to_transform')!r}): PEFT would not load it"
+            )
         if set(pair) != {"A", "B"}:
             has, lacks = ("lora_A", "lora_B") if "A" in pair else ("lora_B", "lora_A")
             raise ValueError(f"{where} has a {has} but no {lacks}: the folder is incomplete")
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"{where}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}; they must be "
-                             "(R, d_in) and (d_out, R), R the rank")  # fmt: skip
+            raise ValueError(
+                f"{where}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}; they must be "
+                "(R, d_in) and (d_out, R), R the rank"
+            )
         rank = peft_pattern(peft_config.get("rank_pattern"), layer, module) or peft_config.get("r", 8)
         if A.shape[0] != rank:
-            raise ValueError(f"{where} has lora_A of rank {A.shape[0]}, but adapter_config.json says {rank} "
-                             "(r, rank_pattern): PEFT would refuse to load it")  # fmt: skip
+            raise ValueError(
+                f"{where} has lora_A of rank {A.shape[0]}, but adapter_config.json says {rank} "
+                "(r, rank_pattern): PEFT would refuse to load it"
+            )
     return peft_config, {key: (pair["A"], pair["B"]) for key, pair in pairs.items()}, json.loads(ours) if ours else None
 
 
@@ -265,7 +327,7 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
     model = GPT.from_pretrained(base) if isinstance(base, str) else base
     n_layer = model.config.n_layer
     if any(layer >= n_layer for layer, _ in pairs):
-        raise ValueError(f"{folder} adapts layer {max(l for l, _ in pairs)}, but the base has {n_layer} layers")
+        raise ValueError(f"{folder} adapts layer {max(layer for layer, _ in pairs)}, but the base has {n_layer} layers")
     if ours is not None:  # our own export: undo the stacking
         config = LoRAConfig(**ours)
     else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
@@ -285,13 +347,17 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
                 A, B = pairs[(layer_index, module)]
                 lora = block.get_submodule(module)
                 if A.shape[1] != lora.in_features or B.shape[0] != lora.out_features:
-                    raise ValueError(f"{folder}: {module} of layer {layer_index} is {B.shape[0]} × {A.shape[1]}, "
-                                     f"the base's is {lora.out_features} × {lora.in_features}")  # fmt: skip
+                    raise ValueError(
+                        f"{folder}: {module} of layer {layer_index} is {B.shape[0]} × {A.shape[1]}, "
+                        f"the base's is {lora.out_features} × {lora.in_features}"
+                    )
                 fold = peft_scaling(peft_config, peft_alpha(peft_config, layer_index, module), A.shape[0]) / scaling
                 parts = parts_of(module, config.targets)
                 if ours is not None and A.shape[0] != len(parts) * config.rank:
-                    raise ValueError(f"{folder}: {module} of layer {layer_index} has rank {A.shape[0]}, "
-                                     f"not {len(parts)} × {config.rank} as its header says")  # fmt: skip
+                    raise ValueError(
+                        f"{folder}: {module} of layer {layer_index} has rank {A.shape[0]}, "
+                        f"not {len(parts)} × {config.rank} as its header says"
+                    )
                 for column, (target, _, _) in enumerate(parts):
                     rows = lora.parts[target]
                     if ours is not None:  # this part's own block of columns
@@ -332,17 +398,24 @@ def main(argv: list[str] | None = None) -> None:
         "then, in Python: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="our adapter file -> a PEFT folder",
-                                 description="Write a PEFT LoRA folder from an adapter file of lora.py.")  # fmt: skip
+    export = commands.add_parser(
+        "export",
+        help="our adapter file -> a PEFT folder",
+        description="Write a PEFT LoRA folder from an adapter file of lora.py.",
+    )
     export.add_argument("adapter", help="an adapter file written by lora.save_adapter / train.py")
     export.add_argument("--out", required=True, help="the PEFT folder to write (created if missing)")
     to_ours = commands.add_parser(
-        "import", help="a PEFT folder -> our adapter file",
+        "import",
+        help="a PEFT folder -> our adapter file",
         description="Read a PEFT LoRA for GPT-2 and write it as an adapter file of lora.py.",
-    )  # fmt: skip
+    )
     to_ours.add_argument("folder", help="a PEFT folder: adapter_config.json + adapter_model.safetensors")
-    to_ours.add_argument("--base", default=None, help="gpt2, gpt2-medium, ... or a folder (default: the "
-                         "adapter_config's base_model_name_or_path)")  # fmt: skip
+    to_ours.add_argument(
+        "--base",
+        default=None,
+        help="gpt2, gpt2-medium, ... or a folder (default: the adapter_config's base_model_name_or_path)",
+    )
     to_ours.add_argument("--out", required=True, help="the adapter file to write, e.g. adapter.safetensors")
     args = parser.parse_args(argv)
     try:
@@ -351,14 +424,18 @@ def main(argv: list[str] | None = None) -> None:
             config = export_peft(args.adapter, args.out)
             ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
             modules = ", ".join(f"{m} (rank {r})" for m, r in ranks.items())
-            print(f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}, "
-                  f"base {config['base_model_name_or_path']}")  # fmt: skip
+            print(
+                f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}, "
+                f"base {config['base_model_name_or_path']}"
+            )
         else:
             model = import_peft(args.folder, args.base)
             save_adapter(model, args.out)
             c = model.lora_config
-            print(f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
-                  f"base {model.name_or_path}")  # fmt: skip
+            print(
+                f"wrote {args.out}: rank {c.rank}, alpha {c.alpha:g} on {','.join(c.targets)}, "
+                f"base {model.name_or_path}"
+            )
     except (ValueError, OSError) as e:
         sys.exit(f"lab.peft_interop: error: {e}")
 

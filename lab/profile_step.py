@@ -22,7 +22,9 @@ from utils import autocast
 
 def main() -> None:
     if not torch.cuda.is_available():
-        sys.exit("lab.profile_step: error: this profiles a GPU step and needs CUDA (torch.cuda.is_available() is False)")
+        sys.exit(
+            "lab.profile_step: error: this profiles a GPU step and needs CUDA (torch.cuda.is_available() is False)"
+        )
     for rank in (0, 4):
         torch.manual_seed(0)
         with torch.device("cuda"):
@@ -48,13 +50,14 @@ def main() -> None:
             step()
             torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
-        print(f"=== {'full fine-tuning' if rank == 0 else f'LoRA r={rank} q,v'}: median step {1000 * statistics.median(seconds):.1f} ms")
+        print(
+            f"=== {'full fine-tuning' if rank == 0 else f'LoRA r={rank} q,v'}: median step {1000 * statistics.median(seconds):.1f} ms"
+        )
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        del model, optimizer
         torch.cuda.empty_cache()
 
 

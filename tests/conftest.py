@@ -31,9 +31,12 @@ def hf_folder(tmp_path) -> str:
     hide behind a zero or a one."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
-        vocab_size=TINY.vocab_size, n_positions=TINY.block_size, n_embd=TINY.n_embd,
-        n_layer=TINY.n_layer, n_head=TINY.n_head,
-    )  # fmt: skip
+        vocab_size=TINY.vocab_size,
+        n_positions=TINY.block_size,
+        n_embd=TINY.n_embd,
+        n_layer=TINY.n_layer,
+        n_head=TINY.n_head,
+    )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():

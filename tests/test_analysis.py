@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lab.analysis import adapted_matrices, amplification, main, subspace_basis, subspace_similarity
 from conftest import TINY
+from lab.analysis import adapted_matrices, amplification, main, subspace_basis, subspace_similarity
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT
 
@@ -67,11 +67,15 @@ def test_random_subspaces_give_max_i_j_over_d():
     """E‖U_iᵀ U_j‖²_F = i·j/d for independent random subspaces of R^d, so φ ≈ max(i, j)/d."""
     d, r1, r2, trials = 64, 8, 16, 30
     g = torch.Generator().manual_seed(0)
-    phi = torch.stack([
-        subspace_similarity(basis(torch.randn(r1, d, generator=g, dtype=torch.float64)),
-                            basis(torch.randn(r2, d, generator=g, dtype=torch.float64)))
-        for _ in range(trials)
-    ]).mean(0)  # fmt: skip
+    phi = torch.stack(
+        [
+            subspace_similarity(
+                basis(torch.randn(r1, d, generator=g, dtype=torch.float64)),
+                basis(torch.randn(r2, d, generator=g, dtype=torch.float64)),
+            )
+            for _ in range(trials)
+        ]
+    ).mean(0)
     i = torch.arange(1, r1 + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, r2 + 1, dtype=torch.float64)[None, :]
     ratio = phi / (torch.maximum(i, j) / d)
@@ -147,7 +151,9 @@ def two_adapters(tmp_path):
     base.save_pretrained(str(tmp_path / "base"))
     paths = []
     for rank in (2, 4):
-        model = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=rank, alpha=8, targets=("q", "v", "mlp")))
+        model = apply_lora(
+            GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=rank, alpha=8, targets=("q", "v", "mlp"))
+        )
         with torch.no_grad():
             for layer in lora_layers(model):
                 for B in layer.lora_B.values():

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
+from conftest import ROOT
+from lab.peft_interop import export_peft
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT, GPTConfig
-from lab.peft_interop import export_peft
 
 Setup = Callable[[Path, Path], None]  # (the case's folder, the shared fixtures' folder)
 
@@ -123,103 +123,299 @@ NOT_UTF8 = b"caf\xe9 \xff\xfe\n" * 4
 CASES = [
     # prepare_data.py: the input file
     Case("prepare-missing-input", "prepare_data.py", ("--input", "nope.txt"), ("--input nope.txt", "no such file")),
-    Case("prepare-input-is-folder", "prepare_data.py", ("--input", "texts"), ("--input texts", "folder"),
-         files({"texts/": ""})),
-    Case("prepare-input-not-utf8", "prepare_data.py", ("--input", "latin1.txt"), ("latin1.txt", "UTF-8"),
-         files({"latin1.txt": NOT_UTF8})),
-    Case("prepare-input-empty", "prepare_data.py", ("--input", "empty.txt"), ("empty.txt is empty",),
-         files({"empty.txt": " \n\n"})),
+    Case(
+        "prepare-input-is-folder",
+        "prepare_data.py",
+        ("--input", "texts"),
+        ("--input texts", "folder"),
+        files({"texts/": ""}),
+    ),
+    Case(
+        "prepare-input-not-utf8",
+        "prepare_data.py",
+        ("--input", "latin1.txt"),
+        ("latin1.txt", "UTF-8"),
+        files({"latin1.txt": NOT_UTF8}),
+    ),
+    Case(
+        "prepare-input-empty",
+        "prepare_data.py",
+        ("--input", "empty.txt"),
+        ("empty.txt is empty",),
+        files({"empty.txt": " \n\n"}),
+    ),
     Case("prepare-text-too-short", "prepare_data.py", ("--input", "hi.txt"), ("too short",), files({"hi.txt": "hi"})),
-    Case("prepare-pairs-no-separator", "prepare_data.py", ("--format", "pairs", "--input", "p.txt"),
-         ("p.txt, line 2", "no '||'"), files({"p.txt": "a||b\njust text\n"})),
-    Case("prepare-pairs-empty-target", "prepare_data.py", ("--format", "pairs", "--input", "p.txt"),
-         ("p.txt, line 2", "empty target"), files({"p.txt": "a||b\nname[x]||   \nc||d\n"})),
-    Case("prepare-pairs-empty-context", "prepare_data.py", ("--format", "pairs", "--input", "p.txt"),
-         ("p.txt, line 1", "empty context"), files({"p.txt": "  || a target\nc||d\n"})),
-    Case("prepare-jsonl-not-strings", "prepare_data.py", ("--format", "pairs", "--input", "p.jsonl"),
-         ("p.jsonl, line 1", "'context' and 'completion'"), files({"p.jsonl": '{"context": 1, "completion": "b"}\n'})),
-    Case("prepare-one-pair", "prepare_data.py", ("--format", "pairs", "--input", "p.txt"), ("at least 2",),
-         files({"p.txt": "a||b\n"})),
+    Case(
+        "prepare-pairs-no-separator",
+        "prepare_data.py",
+        ("--format", "pairs", "--input", "p.txt"),
+        ("p.txt, line 2", "no '||'"),
+        files({"p.txt": "a||b\njust text\n"}),
+    ),
+    Case(
+        "prepare-pairs-empty-target",
+        "prepare_data.py",
+        ("--format", "pairs", "--input", "p.txt"),
+        ("p.txt, line 2", "empty target"),
+        files({"p.txt": "a||b\nname[x]||   \nc||d\n"}),
+    ),
+    Case(
+        "prepare-pairs-empty-context",
+        "prepare_data.py",
+        ("--format", "pairs", "--input", "p.txt"),
+        ("p.txt, line 1", "empty context"),
+        files({"p.txt": "  || a target\nc||d\n"}),
+    ),
+    Case(
+        "prepare-jsonl-not-strings",
+        "prepare_data.py",
+        ("--format", "pairs", "--input", "p.jsonl"),
+        ("p.jsonl, line 1", "'context' and 'completion'"),
+        files({"p.jsonl": '{"context": 1, "completion": "b"}\n'}),
+    ),
+    Case(
+        "prepare-one-pair",
+        "prepare_data.py",
+        ("--format", "pairs", "--input", "p.txt"),
+        ("at least 2",),
+        files({"p.txt": "a||b\n"}),
+    ),
     # prepare_data.py: where it writes
-    Case("prepare-out-dir-is-file", "prepare_data.py", ("--input", "t.txt", "--out-dir", "data"),
-         ("--out-dir data", "not a folder"), files({"t.txt": "some text\n" * 50, "data": "a file"})),
-    Case("prepare-target-is-file", "prepare_data.py", ("--input", "t.txt", "--out-dir", "data", "--name", "x"),
-         ("data/x", "not a folder"), files({"t.txt": "some text\n" * 50, "data/x": "a file"})),
-    Case("prepare-name-with-separator", "prepare_data.py", ("--input", "t.txt", "--name", "a/b"), ("--name", "'a/b'"),
-         files({"t.txt": "some text\n" * 50})),
-    Case("prepare-name-dot-dot", "prepare_data.py", ("--input", "t.txt", "--name", ".."), ("--name", "'..'"),
-         files({"t.txt": "some text\n" * 50})),
-    Case("prepare-val-fraction", "prepare_data.py", ("--input", "t.txt", "--val-fraction", "1.5"),
-         ("--val-fraction", "1.5"), files({"t.txt": "some text\n" * 50})),
+    Case(
+        "prepare-out-dir-is-file",
+        "prepare_data.py",
+        ("--input", "t.txt", "--out-dir", "data"),
+        ("--out-dir data", "not a folder"),
+        files({"t.txt": "some text\n" * 50, "data": "a file"}),
+    ),
+    Case(
+        "prepare-target-is-file",
+        "prepare_data.py",
+        ("--input", "t.txt", "--out-dir", "data", "--name", "x"),
+        ("data/x", "not a folder"),
+        files({"t.txt": "some text\n" * 50, "data/x": "a file"}),
+    ),
+    Case(
+        "prepare-name-with-separator",
+        "prepare_data.py",
+        ("--input", "t.txt", "--name", "a/b"),
+        ("--name", "'a/b'"),
+        files({"t.txt": "some text\n" * 50}),
+    ),
+    Case(
+        "prepare-name-dot-dot",
+        "prepare_data.py",
+        ("--input", "t.txt", "--name", ".."),
+        ("--name", "'..'"),
+        files({"t.txt": "some text\n" * 50}),
+    ),
+    Case(
+        "prepare-val-fraction",
+        "prepare_data.py",
+        ("--input", "t.txt", "--val-fraction", "1.5"),
+        ("--val-fraction", "1.5"),
+        files({"t.txt": "some text\n" * 50}),
+    ),
     Case("prepare-unknown-format", "prepare_data.py", ("--format", "csv"), ("--format", "invalid choice")),
     # sample.py: what to load
     Case("sample-missing-run-dir", "sample.py", ("--run-dir", "nowhere"), ("--run-dir nowhere", "no such folder")),
-    Case("sample-run-dir-is-file", "sample.py", ("--run-dir", "notes.txt"), ("--run-dir notes.txt", "not a folder"),
-         files({"notes.txt": "x"})),
-    Case("sample-adapter-not-safetensors", "sample.py", ("--adapter", "a.safetensors"),
-         ("a.safetensors is not a safetensors file",), files({"a.safetensors": "plain text"})),
-    Case("sample-adapter-is-a-model", "sample.py", ("--adapter", "{fx}/base/model.safetensors"),
-         ("model.safetensors is not an adapter",)),
+    Case(
+        "sample-run-dir-is-file",
+        "sample.py",
+        ("--run-dir", "notes.txt"),
+        ("--run-dir notes.txt", "not a folder"),
+        files({"notes.txt": "x"}),
+    ),
+    Case(
+        "sample-adapter-not-safetensors",
+        "sample.py",
+        ("--adapter", "a.safetensors"),
+        ("a.safetensors is not a safetensors file",),
+        files({"a.safetensors": "plain text"}),
+    ),
+    Case(
+        "sample-adapter-is-a-model",
+        "sample.py",
+        ("--adapter", "{fx}/base/model.safetensors"),
+        ("model.safetensors is not an adapter",),
+    ),
     Case("sample-base-too-small-vocab", "sample.py", ("--base", "{fx}/small"), ("vocabulary (101)",)),
-    Case("sample-adapter-of-other-shape", "sample.py", ("--adapter", "{fx}/a.safetensors", "--base", "{fx}/small"),
-         ("a.safetensors was trained on another base",)),
+    Case(
+        "sample-adapter-of-other-shape",
+        "sample.py",
+        ("--adapter", "{fx}/a.safetensors", "--base", "{fx}/small"),
+        ("a.safetensors was trained on another base",),
+    ),
     # sample.py: prompts and flags
-    Case("sample-prompt-file-missing", "sample.py", ("--base", "{fx}/base", "--prompt", "FILE:nope.txt"),
-         ("--prompt FILE:nope.txt", "no such file")),
-    Case("sample-prompt-file-not-utf8", "sample.py", ("--base", "{fx}/base", "--prompt", "FILE:p.txt"),
-         ("p.txt", "UTF-8"), files({"p.txt": NOT_UTF8})),
+    Case(
+        "sample-prompt-file-missing",
+        "sample.py",
+        ("--base", "{fx}/base", "--prompt", "FILE:nope.txt"),
+        ("--prompt FILE:nope.txt", "no such file"),
+    ),
+    Case(
+        "sample-prompt-file-not-utf8",
+        "sample.py",
+        ("--base", "{fx}/base", "--prompt", "FILE:p.txt"),
+        ("p.txt", "UTF-8"),
+        files({"p.txt": NOT_UTF8}),
+    ),
     Case("sample-prompt-empty", "sample.py", ("--base", "{fx}/base", "--prompt", ""), ("--prompt", "empty")),
     Case("sample-num-samples-0", "sample.py", ("--num-samples", "0"), ("--num-samples",)),
-    Case("sample-unknown-device", "sample.py", ("--base", "{fx}/base", "--device", "gpu"),
-         ("unknown device 'gpu'",)),
-    Case("model-config-not-json", "sample.py", ("--base", "m"), ("config.json is not JSON",),
-         checkpoint(config_text="{n_layer: 1")),
-    Case("model-config-lacks-key", "sample.py", ("--base", "m"), ("config.json", "n_layer"),
-         checkpoint(config={"n_layer": None})),
-    Case("model-heads-do-not-divide", "sample.py", ("--base", "m"), ("n_embd 8", "n_head 3"),
-         checkpoint(config={"n_head": 3})),
-    Case("model-weights-not-safetensors", "sample.py", ("--base", "m"),
-         ("model.safetensors is not a safetensors file",), checkpoint(weights=b"\x00" * 64)),
-    Case("model-weights-other-shape", "sample.py", ("--base", "m"), ("model.safetensors", "shape"),
-         checkpoint(config={"n_embd": 16})),
-    Case("model-base-is-file", "sample.py", ("--base", "notes.txt"), ("notes.txt", "not a"),
-         files({"notes.txt": "x"})),
+    Case("sample-unknown-device", "sample.py", ("--base", "{fx}/base", "--device", "gpu"), ("unknown device 'gpu'",)),
+    Case(
+        "model-config-not-json",
+        "sample.py",
+        ("--base", "m"),
+        ("config.json is not JSON",),
+        checkpoint(config_text="{n_layer: 1"),
+    ),
+    Case(
+        "model-config-lacks-key",
+        "sample.py",
+        ("--base", "m"),
+        ("config.json", "n_layer"),
+        checkpoint(config={"n_layer": None}),
+    ),
+    Case(
+        "model-heads-do-not-divide",
+        "sample.py",
+        ("--base", "m"),
+        ("n_embd 8", "n_head 3"),
+        checkpoint(config={"n_head": 3}),
+    ),
+    Case(
+        "model-weights-not-safetensors",
+        "sample.py",
+        ("--base", "m"),
+        ("model.safetensors is not a safetensors file",),
+        checkpoint(weights=b"\x00" * 64),
+    ),
+    Case(
+        "model-weights-other-shape",
+        "sample.py",
+        ("--base", "m"),
+        ("model.safetensors", "shape"),
+        checkpoint(config={"n_embd": 16}),
+    ),
+    Case("model-base-is-file", "sample.py", ("--base", "notes.txt"), ("notes.txt", "not a"), files({"notes.txt": "x"})),
     # analysis.py
-    Case("analysis-no-matrix-in-common", "lab.analysis", ("similarity", "{fx}/a.safetensors", "{fx}/b.safetensors"),
-         ("no matrix in common", "q, v", "o")),
-    Case("analysis-different-bases", "lab.analysis", ("similarity", "{fx}/a.safetensors", "{fx}/c.safetensors"),
-         ("a.safetensors", "c.safetensors", "different bases")),
-    Case("analysis-layer-out-of-range", "lab.analysis", ("similarity", "{fx}/a.safetensors", "{fx}/a.safetensors",
-         "--layers", "3"), ("layer 3 does not exist",)),
-    Case("analysis-out-is-file", "lab.analysis", ("similarity", "{fx}/a.safetensors", "{fx}/a.safetensors",
-         "--out", "notes.txt"), ("--out notes.txt", "not a folder"), files({"notes.txt": "x"})),
-    Case("analysis-amplification-other-base", "lab.analysis",
-         ("amplification", "{fx}/a.safetensors", "{fx}/c.safetensors"), ("c.safetensors", "weights differ")),
+    Case(
+        "analysis-no-matrix-in-common",
+        "lab.analysis",
+        ("similarity", "{fx}/a.safetensors", "{fx}/b.safetensors"),
+        ("no matrix in common", "q, v", "o"),
+    ),
+    Case(
+        "analysis-different-bases",
+        "lab.analysis",
+        ("similarity", "{fx}/a.safetensors", "{fx}/c.safetensors"),
+        ("a.safetensors", "c.safetensors", "different bases"),
+    ),
+    Case(
+        "analysis-layer-out-of-range",
+        "lab.analysis",
+        ("similarity", "{fx}/a.safetensors", "{fx}/a.safetensors", "--layers", "3"),
+        ("layer 3 does not exist",),
+    ),
+    Case(
+        "analysis-out-is-file",
+        "lab.analysis",
+        ("similarity", "{fx}/a.safetensors", "{fx}/a.safetensors", "--out", "notes.txt"),
+        ("--out notes.txt", "not a folder"),
+        files({"notes.txt": "x"}),
+    ),
+    Case(
+        "analysis-amplification-other-base",
+        "lab.analysis",
+        ("amplification", "{fx}/a.safetensors", "{fx}/c.safetensors"),
+        ("c.safetensors", "weights differ"),
+    ),
     # peft_interop.py
-    Case("peft-no-config", "lab.peft_interop", ("import", "p", "--out", "x.safetensors"),
-         ("p is not a PEFT folder", "adapter_config.json"), files({"p/": ""})),
-    Case("peft-config-not-json", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("adapter_config.json is not JSON",), both(peft_folder(), files({"peft/adapter_config.json": "{r: 2"}))),
-    Case("peft-targets-of-another-model", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("target_modules", "q_proj"), peft_folder({"target_modules": ["q_proj", "v_proj"]})),
-    Case("peft-targets-lm-head", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("target_modules", "lm_head"), peft_folder({"target_modules": ["c_attn", "lm_head"]})),
-    Case("peft-dora", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("use_dora",),
-         peft_folder({"use_dora": True})),
-    Case("peft-lora-bias", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("lora_bias",),
-         peft_folder({"lora_bias": True})),
-    Case("peft-init-changes-base", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("init_lora_weights", "pissa"), peft_folder({"init_lora_weights": "pissa"})),
-    Case("peft-layers-to-transform", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("layers_to_transform", "layer 0"), peft_folder({"layers_to_transform": [3]})),
-    Case("peft-missing-lora-b", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("lora_B", "layer 0"), peft_folder(tensors=lambda t: {k: v for k, v in t.items() if k != PEFT_B})),
-    Case("peft-lora-b-wrong-shape", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("lora_B", "(24, 3)"), peft_folder(tensors=lambda t: {**t, PEFT_B: t[PEFT_B][:, :3].contiguous()})),
-    Case("peft-rank-not-as-configured", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"),
-         ("rank 4", "says 2"), peft_folder({"rank_pattern": {}, "alpha_pattern": {}}, tensors=dict)),
-    Case("peft-export-out-is-file", "lab.peft_interop", ("export", "{fx}/a.safetensors", "--out", "notes.txt"),
-         ("--out notes.txt", "not a folder"), files({"notes.txt": "x"})),
+    Case(
+        "peft-no-config",
+        "lab.peft_interop",
+        ("import", "p", "--out", "x.safetensors"),
+        ("p is not a PEFT folder", "adapter_config.json"),
+        files({"p/": ""}),
+    ),
+    Case(
+        "peft-config-not-json",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("adapter_config.json is not JSON",),
+        both(peft_folder(), files({"peft/adapter_config.json": "{r: 2"})),
+    ),
+    Case(
+        "peft-targets-of-another-model",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("target_modules", "q_proj"),
+        peft_folder({"target_modules": ["q_proj", "v_proj"]}),
+    ),
+    Case(
+        "peft-targets-lm-head",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("target_modules", "lm_head"),
+        peft_folder({"target_modules": ["c_attn", "lm_head"]}),
+    ),
+    Case(
+        "peft-dora",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("use_dora",),
+        peft_folder({"use_dora": True}),
+    ),
+    Case(
+        "peft-lora-bias",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("lora_bias",),
+        peft_folder({"lora_bias": True}),
+    ),
+    Case(
+        "peft-init-changes-base",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("init_lora_weights", "pissa"),
+        peft_folder({"init_lora_weights": "pissa"}),
+    ),
+    Case(
+        "peft-layers-to-transform",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("layers_to_transform", "layer 0"),
+        peft_folder({"layers_to_transform": [3]}),
+    ),
+    Case(
+        "peft-missing-lora-b",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("lora_B", "layer 0"),
+        peft_folder(tensors=lambda t: {k: v for k, v in t.items() if k != PEFT_B}),
+    ),
+    Case(
+        "peft-lora-b-wrong-shape",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("lora_B", "(24, 3)"),
+        peft_folder(tensors=lambda t: {**t, PEFT_B: t[PEFT_B][:, :3].contiguous()}),
+    ),
+    Case(
+        "peft-rank-not-as-configured",
+        "lab.peft_interop",
+        ("import", "peft", "--out", "x.safetensors"),
+        ("rank 4", "says 2"),
+        peft_folder({"rank_pattern": {}, "alpha_pattern": {}}, tensors=dict),
+    ),
+    Case(
+        "peft-export-out-is-file",
+        "lab.peft_interop",
+        ("export", "{fx}/a.safetensors", "--out", "notes.txt"),
+        ("--out notes.txt", "not a folder"),
+        files({"notes.txt": "x"}),
+    ),
     # bench.py: flags are checked before any measuring
     Case("bench-unknown-device", "bench.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
     Case("bench-bad-shape", "bench.py", ("--device", "cpu", "--shapes", "4by256"), ("bad shape '4by256'",)),
@@ -227,13 +423,23 @@ CASES = [
     Case("train-negative-rank", "train.py", ("--rank", "-1"), ("--rank must be >= 0",)),
     Case("train-unknown-target", "train.py", ("--targets", "q,query"), ("unknown LoRA target", "query")),
     Case("train-unknown-device", "train.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
-    Case("train-heads-do-not-divide", "train.py", ("--data", "{fx}/data", "--base", "scratch", "--n-head", "5",
-         "--n-embd", "16", "--block-size", "8"), ("n_embd 16", "n_head 5")),
-]  # fmt: skip
+    Case(
+        "train-heads-do-not-divide",
+        "train.py",
+        ("--data", "{fx}/data", "--base", "scratch", "--n-head", "5", "--n-embd", "16", "--block-size", "8"),
+        ("n_embd 16", "n_head 5"),
+    ),
+]
 
 if not torch.cuda.is_available():
-    CASES.append(Case("sample-cuda-without-cuda", "sample.py", ("--base", "{fx}/base", "--device", "cuda"),
-                      ("CUDA is not available", "--device cpu")))  # fmt: skip
+    CASES.append(
+        Case(
+            "sample-cuda-without-cuda",
+            "sample.py",
+            ("--base", "{fx}/base", "--device", "cuda"),
+            ("CUDA is not available", "--device cpu"),
+        )
+    )
 
 
 # ---- running them ----------------------------------------------------------------------------------
@@ -269,8 +475,15 @@ def fx(tmp_path_factory) -> Path:
     data.mkdir()
     for split, n in (("train", 2000), ("val", 200)):
         np.random.default_rng(0).integers(0, 50257, n, dtype=np.uint16).tofile(data / f"{split}.bin")
-    meta = {"format": "text", "tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "source": "random",
-            "train_tokens": 2000, "val_tokens": 200}  # fmt: skip
+    meta = {
+        "format": "text",
+        "tokenizer": "gpt2",
+        "vocab_size": 50257,
+        "eot_token": 50256,
+        "source": "random",
+        "train_tokens": 2000,
+        "val_tokens": 200,
+    }
     (data / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -280,16 +493,23 @@ def run_case(case: Case, folder: Path, fx: Path) -> Outcome:
     if case.setup is not None:
         case.setup(folder, fx)
     before = hashes(folder)
-    env = {"TIKTOKEN_CACHE_DIR": os.path.join(os.path.dirname(ROOT), "shared", "tiktoken"), **os.environ,
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        "TIKTOKEN_CACHE_DIR": os.path.join(os.path.dirname(ROOT), "shared", "tiktoken"),
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+    }
     argv = [arg.replace("{fx}", str(fx)) for arg in case.argv]
     command = [sys.executable, "-m", case.script] if case.script.startswith("lab.") else [sys.executable, case.script]
     env["PYTHONPATH"] = ROOT  # python -m lab.<name> from the case's own folder
     process = subprocess.run(
         [*command[:-1], os.path.join(ROOT, command[-1]) if command[-1].endswith(".py") else command[-1], *argv],
-        cwd=folder, env=env, capture_output=True,
-        text=True, timeout=300, check=False,
-    )  # fmt: skip
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return Outcome(process.returncode, process.stderr, before, hashes(folder))
 
 

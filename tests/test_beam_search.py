@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import load_hf
 
+from conftest import load_hf
 from lab.beam_search import beam_search
 from model import GPT
 
@@ -54,9 +54,14 @@ def hf_beam_search(hf, prompts: list[list[int]], use_cache: bool = True, **setti
     """transformers' beam search on prompts of one length, each continuation cut before its first EOS."""
     idx = torch.tensor(prompts)
     out = hf.generate(
-        idx, attention_mask=torch.ones_like(idx), max_new_tokens=N, do_sample=False, pad_token_id=EOS,
-        use_cache=use_cache, **settings,
-    )  # fmt: skip
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=N,
+        do_sample=False,
+        pad_token_id=EOS,
+        use_cache=use_cache,
+        **settings,
+    )
     eos = settings["eos_token_id"] if isinstance(settings["eos_token_id"], list) else [settings["eos_token_id"]]
     continuations = []
     for row in out[:, idx.size(1) :].tolist():

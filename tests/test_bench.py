@@ -28,8 +28,24 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     out = tmp_path / "out"
-    argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--shapes", "1x8,2x16", "--train-shape", "2x8",
-            "--mixed", "3x4+3", "--trials", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--size",
+        str(tmp_path / "tiny"),
+        "--device",
+        "cpu",
+        "--shapes",
+        "1x8,2x16",
+        "--train-shape",
+        "2x8",
+        "--mixed",
+        "3x4+3",
+        "--trials",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     returned = bench.main(argv)
 
     rows = json.loads((out / "results.json").read_text())["rows"]

@@ -191,9 +191,16 @@ def test_links_resolve(path):
 
 def help_texts() -> dict[str, str]:
     """--help of every command line, subcommands included, without a subprocess."""
-    runs = {"train": [[]], "sample": [[]], "prepare_data": [[]], "bench": [[]], "lab.multi_adapter": [[]],
-            "lab.e2e_metrics": [[]], "lab.analysis": [[], ["similarity"], ["amplification"]],
-            "lab.peft_interop": [[], ["export"], ["import"]]}  # fmt: skip
+    runs = {
+        "train": [[]],
+        "sample": [[]],
+        "prepare_data": [[]],
+        "bench": [[]],
+        "lab.multi_adapter": [[]],
+        "lab.e2e_metrics": [[]],
+        "lab.analysis": [[], ["similarity"], ["amplification"]],
+        "lab.peft_interop": [[], ["export"], ["import"]],
+    }
     texts = {}
     for name, prefixes in runs.items():
         module = importlib.import_module(name)

@@ -9,22 +9,25 @@ import torch
 
 from conftest import ROOT
 from lab import e2e
-from lab.beam_search import beam_search
-from lora import LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT, GPTConfig
 
 if not os.environ.get("TIKTOKEN_CACHE_DIR"):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken")
-PAIRS = "name : Alimentum | area : city centre||Alimentum is in the city centre.\n" \
-        "name : Alimentum | area : city centre||There is Alimentum in the city centre.\n" \
-        "name : Aromi | eatType : pub||Aromi is a pub.\n" \
-        "name : Bibimbap House||Bibimbap House.\n"  # fmt: skip
+PAIRS = (
+    "name : Alimentum | area : city centre||Alimentum is in the city centre.\n"
+    "name : Alimentum | area : city centre||There is Alimentum in the city centre.\n"
+    "name : Aromi | eatType : pub||Aromi is a pub.\n"
+    "name : Bibimbap House||Bibimbap House.\n"
+)
 
 
 @pytest.fixture
 def lora_run(tmp_path) -> str:
     torch.manual_seed(0)
-    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "base"))
+    GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).save_pretrained(
+        str(tmp_path / "base")
+    )
     model = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=2))
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -40,18 +43,40 @@ def test_decodes_each_context_once_and_writes_what_the_official_script_reads(lor
     if shutil.which("java") is None:
         pytest.skip("the METEOR, ROUGE-L and CIDEr scorers need Java")
     pytest.importorskip("pycocoevalcap")
-    argv = ["--run-dir", lora_run, "--pairs", str(tmp_path / "test.txt"), "--limit", "2", "--num-beams", "3",
-            "--max-new-tokens", "5", "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--run-dir",
+        lora_run,
+        "--pairs",
+        str(tmp_path / "test.txt"),
+        "--limit",
+        "2",
+        "--num-beams",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
     scores = e2e.main(argv)
     out = os.path.join(lora_run, "e2e-test")
     predictions = open(os.path.join(out, "predictions.txt")).read().splitlines()
     references = open(os.path.join(out, "references.txt")).read()
-    assert references == ("Alimentum is in the city centre.\nThere is Alimentum in the city centre.\n\n"
-                          "Aromi is a pub.\n")  # fmt: skip
+    assert references == (
+        "Alimentum is in the city centre.\nThere is Alimentum in the city centre.\n\nAromi is a pub.\n"
+    )
     model, name = e2e.load_run(lora_run, None)  # the adapter merged: what the paper decodes with
     assert name.endswith("+ LoRA r=2 on q,v") and all(layer.merged for layer in lora_layers(model))
-    expected = e2e.decode(model.eval(), ["name : Alimentum | area : city centre", "name : Aromi | eatType : pub"],
-                          batch_size=2, max_new_tokens=5, num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4)  # fmt: skip
+    expected = e2e.decode(
+        model.eval(),
+        ["name : Alimentum | area : city centre", "name : Aromi | eatType : pub"],
+        batch_size=2,
+        max_new_tokens=5,
+        num_beams=3,
+        length_penalty=0.9,
+        no_repeat_ngram_size=4,
+    )
     assert predictions == expected and len(predictions) == 2
     assert set(json.load(open(os.path.join(out, "scores.json")))) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     assert e2e.table_row(name, scores) in capsys.readouterr().out  # the Table-3 row, in the paper's units

@@ -22,8 +22,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from lab.e2e_metrics import (
     METRICS,
     MissingDependencyError,
@@ -38,12 +38,22 @@ DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 OFFICIAL = {
     # example-inputs: the script's README gives BLEU 0.7203 NIST 7.7889 METEOR 0.4801 ROUGE_L 0.7910 CIDEr 2.3039
-    "example": {"BLEU": 0.7202928494322162, "NIST": 7.788887609555574, "METEOR": 0.4800716745732023,
-                "ROUGE_L": 0.7909526131515365, "CIDEr": 2.303943135258847},
+    "example": {
+        "BLEU": 0.7202928494322162,
+        "NIST": 7.788887609555574,
+        "METEOR": 0.4800716745732023,
+        "ROUGE_L": 0.7909526131515365,
+        "CIDEr": 2.303943135258847,
+    },
     # printed: BLEU 0.9767 NIST 13.9262 METEOR 0.7080 ROUGE_L 0.9919 CIDEr 3.2727
-    "test": {"BLEU": 0.9767037163540432, "NIST": 13.926171806889606, "METEOR": 0.7079607756717304,
-             "ROUGE_L": 0.9919493699614501, "CIDEr": 3.272714641395957},
-}  # fmt: skip
+    "test": {
+        "BLEU": 0.9767037163540432,
+        "NIST": 13.926171806889606,
+        "METEOR": 0.7079607756717304,
+        "ROUGE_L": 0.9919493699614501,
+        "CIDEr": 3.272714641395957,
+    },
+}
 TOLERANCE = {"BLEU": 5e-4, "NIST": 5e-3, "METEOR": 5e-4, "ROUGE_L": 5e-4, "CIDEr": 5e-4}
 
 needs_coco = pytest.mark.skipif(
@@ -112,8 +122,10 @@ def test_group_pairs_on_the_e2e_splits():
     assert len(contexts) == len(references) == 630
     assert sum(len(instance) for instance in references) == 4693
     assert len(group_pairs(data("e2e", "valid.txt"))[0]) == 547
-    assert references[0] == ["A coffee shop in the city centre area called Blue Spice .",
-                             "Blue Spice is a coffee shop in city centre ."]  # fmt: skip
+    assert references[0] == [
+        "A coffee shop in the city centre area called Blue Spice .",
+        "Blue Spice is a coffee shop in city centre .",
+    ]
 
 
 def test_group_pairs_keeps_first_appearance_order_and_gathers_repeats():
@@ -152,8 +164,13 @@ def test_missing_pycocoevalcap_is_one_clear_error(tmp_path, monkeypatch):
     java.write_text("#!/bin/sh\nexit 1\n")
     java.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    for name in ("pycocoevalcap", "pycocoevalcap.cider.cider", "pycocoevalcap.meteor.meteor",
-                 "pycocoevalcap.rouge.rouge", "pycocoevalcap.tokenizer.ptbtokenizer"):  # fmt: skip
+    for name in (
+        "pycocoevalcap",
+        "pycocoevalcap.cider.cider",
+        "pycocoevalcap.meteor.meteor",
+        "pycocoevalcap.rouge.rouge",
+        "pycocoevalcap.tokenizer.ptbtokenizer",
+    ):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
     with pytest.raises(MissingDependencyError, match="pip install pycocoevalcap$"):
         score(["a b"], [["a b"]])
@@ -175,7 +192,12 @@ def test_cli_errors_are_one_line(tmp_path):
     outputs.write_text("a\nb\nc\n")
     with pytest.raises(SystemExit, match="^lab.e2e_metrics: error: 3 predictions for 2 instances of references$"):
         main([str(references), str(outputs), "--no-java"])
-    run = subprocess.run([sys.executable, "-m", "lab.e2e_metrics", str(references), str(tmp_path / "absent.txt")],
-                         cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "lab.e2e_metrics", str(references), str(tmp_path / "absent.txt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.startswith("lab.e2e_metrics: error: ") and run.stderr.count("\n") == 1, run.stderr

@@ -5,11 +5,20 @@ import torch
 
 from conftest import TINY
 from lora import (
+    TARGETS,
     LoRAConfig,
-    TARGETS, LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora,
-    parameter_summary, read_adapter, save_adapter, unmerge_lora,
-)  # fmt: skip
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    read_adapter,
+    save_adapter,
+    unmerge_lora,
+)
 from model import GPT, GPTConfig
+from utils import parameter_summary
 
 
 def randomize_B(model, std=0.5):
@@ -69,7 +78,9 @@ def test_merged_equals_unmerged_and_unmerge_restores_W0(tiny_model):
     merge_lora(tiny_model)
     merged, _ = tiny_model(idx)
     assert (merged - unmerged).abs().max().item() <= 1e-5
-    assert (tiny_model.transformer.h[0].attn.c_attn.weight - W0["transformer.h.0.attn.c_attn.weight"]).abs().max() > 1e-3
+    assert (
+        tiny_model.transformer.h[0].attn.c_attn.weight - W0["transformer.h.0.attn.c_attn.weight"]
+    ).abs().max() > 1e-3
     merge_lora(tiny_model)  # a second merge must not add ΔW twice
     twice, _ = tiny_model(idx)
     assert torch.equal(merged, twice)
@@ -109,10 +120,16 @@ def test_adapter_round_trip_holds_only_lora_tensors(tiny_model, tmp_path):
         f"transformer.h.{i}.{key}"
         for i in range(TINY.n_layer)
         for key in (
-            "attn.c_attn.lora_A.q", "attn.c_attn.lora_B.q", "attn.c_attn.lora_A.v", "attn.c_attn.lora_B.v",
-            "mlp.c_fc.lora_A.mlp", "mlp.c_fc.lora_B.mlp", "mlp.c_proj.lora_A.mlp", "mlp.c_proj.lora_B.mlp",
+            "attn.c_attn.lora_A.q",
+            "attn.c_attn.lora_B.q",
+            "attn.c_attn.lora_A.v",
+            "attn.c_attn.lora_B.v",
+            "mlp.c_fc.lora_A.mlp",
+            "mlp.c_fc.lora_B.mlp",
+            "mlp.c_proj.lora_A.mlp",
+            "mlp.c_proj.lora_B.mlp",
         )
-    }  # fmt: skip
+    }
     assert metadata["lora_config"] == LoRAConfig(rank=2, alpha=4, targets=("q", "v", "mlp"), dropout=0.0)
     assert metadata["base_config"]["n_embd"] == TINY.n_embd
 
@@ -158,7 +175,10 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
     load_adapter(bf16_copy.float(), path)
     other_targets = apply_lora(GPT(TINY), LoRAConfig(rank=2, targets=("q", "k")))
     other_targets.load_state_dict(tiny_model.state_dict(), strict=False)
-    with pytest.raises(ValueError, match=r"targets=\('q', 'v'\), dropout=0.0\); the model's LoRA is LoRAConfig\(rank=2, alpha=8.0, targets=\('q', 'k'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets=\('q', 'v'\), dropout=0.0\); the model's LoRA is LoRAConfig\(rank=2, alpha=8.0, targets=\('q', 'k'\)",
+    ):
         load_adapter(other_targets, path)
 
 
@@ -169,11 +189,14 @@ def test_a_file_that_is_not_safetensors_is_a_clear_error(tiny_model, tmp_path):
         load_adapter(tiny_model, str(path))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=0), "rank must be an integer >= 1"),
-    (dict(rank=4, targets=("q", "wq")), "unknown LoRA target"),
-    (dict(rank=4, targets=()), "unknown LoRA target"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "rank must be an integer >= 1"),
+        (dict(rank=4, targets=("q", "wq")), "unknown LoRA target"),
+        (dict(rank=4, targets=()), "unknown LoRA target"),
+    ],
+)
 def test_bad_lora_settings_are_clear_errors(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         apply_lora(tiny_model, LoRAConfig(**kwargs))

@@ -7,9 +7,16 @@ import torch.nn.functional as F
 from conftest import TINY
 from lab.multi_adapter import adapter_per_row, add_adapter, banked_layers, set_adapter
 from lora import (
-    LoRAConfig, apply_lora, load_adapter, lora_layers, lora_state_dict, merge_lora, read_adapter, save_adapter,
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    read_adapter,
+    save_adapter,
     unmerge_lora,
-)  # fmt: skip
+)
 from model import GPT
 
 TARGETS = ("q", "v", "o", "mlp")  # fused and unfused layers, several parts per layer

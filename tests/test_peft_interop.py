@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, load_hf
+from lab.peft_interop import export_peft, import_peft, main
 from lora import LoRAConfig, apply_lora, lora_layers, read_adapter, save_adapter
 from model import GPT
-from lab.peft_interop import export_peft, import_peft, main
 
 peft = pytest.importorskip("peft")
 
@@ -94,10 +94,15 @@ def test_peft_adapter_imported_here_gives_peft_logits(hf_folder, tmp_path, use_r
     """A LoRA made with PEFT's own API: c_attn at rank 4, c_proj (attention and MLP) and c_fc at
     rank 2 with their own alpha, and only layer 1 adapted for c_fc."""
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-        rank_pattern={"c_proj": 2, "c_fc": 2}, alpha_pattern={"mlp.c_proj": 3},
-        use_rslora=use_rslora, exclude_modules=r".*h\.0\.mlp\.c_fc",
-    )  # fmt: skip
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        rank_pattern={"c_proj": 2, "c_fc": 2},
+        alpha_pattern={"mlp.c_proj": 3},
+        use_rslora=use_rslora,
+        exclude_modules=r".*h\.0\.mlp\.c_fc",
+    )
     peft_model = peft.get_peft_model(load_hf(hf_folder), config)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -144,11 +149,17 @@ def test_command_line_and_clear_errors(hf_folder, tmp_path, capsys):
         main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "x.safetensors")])
 
 
-@pytest.mark.parametrize("change", [
-    {"fan_in_fan_out": False},  # PEFT sets it back to True for GPT-2's Conv1D, with a warning
-    {"target_modules": "all-linear"}, {"target_modules": None}, {"target_modules": ["c_attn"]},
-    {"target_modules": r".*\.h\.\d+\.attn\.c_attn"}, {"layers_to_transform": [0, 1]},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fan_in_fan_out": False},  # PEFT sets it back to True for GPT-2's Conv1D, with a warning
+        {"target_modules": "all-linear"},
+        {"target_modules": None},
+        {"target_modules": ["c_attn"]},
+        {"target_modules": r".*\.h\.\d+\.attn\.c_attn"},
+        {"layers_to_transform": [0, 1]},
+    ],
+)
 def test_import_accepts_configs_peft_loads_the_same(hf_folder, tmp_path, change):
     ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), LoRAConfig(rank=2, targets=("q", "v")))
     randomize(ours)

@@ -46,8 +46,9 @@ def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
     lines = ["name : Aromi | area : riverside||Aromi is by the river . ", "name : Zizzi||Zizzi serves food ."] * 3
     source = tmp_path / "e2e.txt"
     source.write_text("\n".join(lines) + "\n\n")
-    folder = prepare_data.main(["--format", "pairs", "--input", str(source), "--name", "e2e",
-                                "--out-dir", str(tmp_path)])
+    folder = prepare_data.main(
+        ["--format", "pairs", "--input", str(source), "--name", "e2e", "--out-dir", str(tmp_path)]
+    )
     tokens, mask = read(folder, "train.bin", np.uint16), read(folder, "train_mask.bin", np.uint8)
     assert len(tokens) == len(mask)
     examples = np.split(np.arange(len(tokens)), np.flatnonzero(tokens == encoding.eot_token)[:-1] + 1)
@@ -62,9 +63,12 @@ def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
 
     # the same pairs as JSONL give the same files
     jsonl = tmp_path / "e2e.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"context": c, "completion": t}) for c, t in (l.split("||") for l in lines)))
-    again = prepare_data.main(["--format", "pairs", "--input", str(jsonl), "--name", "e2e-jsonl",
-                               "--out-dir", str(tmp_path)])
+    jsonl.write_text(
+        "\n".join(json.dumps({"context": c, "completion": t}) for c, t in (line.split("||") for line in lines))
+    )
+    again = prepare_data.main(
+        ["--format", "pairs", "--input", str(jsonl), "--name", "e2e-jsonl", "--out-dir", str(tmp_path)]
+    )
     for name, dtype in (("train.bin", np.uint16), ("train_mask.bin", np.uint8), ("val.bin", np.uint16)):
         assert np.array_equal(read(folder, name, dtype), read(again, name, dtype)), name
 
@@ -104,8 +108,11 @@ def test_failed_download_says_to_use_input(tmp_path, monkeypatch):
 
 
 def test_e2e_is_downloaded_as_the_authors_three_splits(tmp_path, encoding, monkeypatch):
-    files = {"train": "name : A | food : Thai||A serves Thai food.\n", "valid": "name : B||B is a pub.\n",
-             "test": "name : C||C is here.\nname : C||There is C.\n"}  # fmt: skip
+    files = {
+        "train": "name : A | food : Thai||A serves Thai food.\n",
+        "valid": "name : B||B is a pub.\n",
+        "test": "name : C||C is here.\nname : C||There is C.\n",
+    }
     fetched = []
 
     def fake_download(url: str, what: str) -> str:
@@ -125,7 +132,17 @@ def test_e2e_is_downloaded_as_the_authors_three_splits(tmp_path, encoding, monke
 def test_val_input_replaces_the_held_out_share(tmp_path, encoding):
     (tmp_path / "train.txt").write_text("a||b\nc||d\n")
     (tmp_path / "val.txt").write_text("e||f\n")
-    folder = prepare_data.main(["--format", "pairs", "--input", str(tmp_path / "train.txt"),
-                                "--val-input", str(tmp_path / "val.txt"), "--out-dir", str(tmp_path / "data")])  # fmt: skip
+    folder = prepare_data.main(
+        [
+            "--format",
+            "pairs",
+            "--input",
+            str(tmp_path / "train.txt"),
+            "--val-input",
+            str(tmp_path / "val.txt"),
+            "--out-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert (meta["train_examples"], meta["val_examples"], meta["val_source"]) == (2, 1, str(tmp_path / "val.txt"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from lab import multi_adapter
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT, GPTConfig
-from lab import multi_adapter
 from sample import main
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -73,12 +73,22 @@ def test_greedy_text_is_the_same_merged_or_not(runs, capsys):
 
 
 def test_one_batch_of_several_adapters_equals_each_adapter_alone(runs, capsys):
-    prompts = ["--prompt", "To be", "--prompt", "FILE:prompt.txt"]
     with open("prompt.txt", "w") as f:
         f.write("a longer prompt, read from a file")
     alone_a = samples(capsys, ["--adapter", runs["a"], "--prompt", "To be", *GREEDY])
     alone_b = samples(capsys, ["--run-dir", "run_b", "--prompt", "FILE:prompt.txt", *GREEDY])
-    adapters = ["--adapter", runs["a"], "--adapter", runs["b"], "--prompt", "To be", "--prompt", "a longer prompt, read from a file", "--max-new-tokens", "10"]
+    adapters = [
+        "--adapter",
+        runs["a"],
+        "--adapter",
+        runs["b"],
+        "--prompt",
+        "To be",
+        "--prompt",
+        "a longer prompt, read from a file",
+        "--max-new-tokens",
+        "10",
+    ]
     assert samples(capsys, adapters, multi_adapter.main) == alone_a + alone_b
     assert samples(capsys, [*adapters, "--merge"], multi_adapter.main) == alone_a + alone_b
     assert alone_b[0].startswith("a longer prompt, read from a file")
@@ -100,13 +110,16 @@ def test_a_rank_0_run_is_the_model_itself(runs, capsys):
     assert samples(capsys, ["--run-dir", "run_full", *GREEDY]) == samples(capsys, ["--base", "base", *GREEDY])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--run-dir", "nowhere"], "--run-dir nowhere: no such folder"),
-    ([], "--run-dir out (the default): no such folder"),
-    (["--adapter", "run_a/adapter.safetensors", "--base", "other"], "another base"),
-    (["--adapter", "missing.safetensors"], "No such file"),
-    (["--adapter", "base/config.json"], "base/config.json is not a safetensors file"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--run-dir", "nowhere"], "--run-dir nowhere: no such folder"),
+        ([], "--run-dir out (the default): no such folder"),
+        (["--adapter", "run_a/adapter.safetensors", "--base", "other"], "another base"),
+        (["--adapter", "missing.safetensors"], "No such file"),
+        (["--adapter", "base/config.json"], "base/config.json is not a safetensors file"),
+    ],
+)
 def test_bad_input_is_one_clear_error(runs, capsys, argv, message):
     GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).save_pretrained("other")
     with pytest.raises(SystemExit) as exit_info:

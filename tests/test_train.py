@@ -22,8 +22,20 @@ SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakesp
 CHAR_VOCAB = 128  # the tests' corpus is tiny Shakespeare, one token per ASCII character
 BASE = GPTConfig(block_size=32, vocab_size=CHAR_VOCAB, n_layer=2, n_head=2, n_embd=128)
 SCRATCH = ["--base", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
-TINY_RUN = ["--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--eval-iters", "4", "--warmup-iters", "5",
-            "--device", "cpu"]  # fmt: skip
+TINY_RUN = [
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--grad-accum",
+    "2",
+    "--eval-iters",
+    "4",
+    "--warmup-iters",
+    "5",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +139,20 @@ class Killed(Exception):
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkeypatch):
-    run = [*SCRATCH, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--data", char_data,
-           "--max-iters", "40", "--eval-interval", "20"]  # fmt: skip
+    run = [
+        *SCRATCH,
+        "--rank",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        *TINY_RUN,
+        "--data",
+        char_data,
+        "--max-iters",
+        "40",
+        "--eval-interval",
+        "20",
+    ]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main([*run, "--run-dir", straight])
 
@@ -164,9 +188,30 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
         "model = train.main(sys.argv[1:])\n"
         f"save_file(lora_state_dict(model), os.path.join({out!r}, 'rank' + os.environ['RANK'] + '.safetensors'))\n"
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(worker), *SCRATCH, "--rank", "4", *TINY_RUN,
-               "--data", char_data, "--run-dir", out, "--max-iters", "4", "--eval-interval", "4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(worker),
+        *SCRATCH,
+        "--rank",
+        "4",
+        *TINY_RUN,
+        "--data",
+        char_data,
+        "--run-dir",
+        out,
+        "--max-iters",
+        "4",
+        "--eval-interval",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -249,10 +294,12 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
     assert [r["step"] for r in read_log(out)] == [0, 2]
     with pytest.raises(SystemExit, match="was written by a run with"):
         train.main([*lora_run, "--resume"])  # another run's settings
-    for argv, message in (([*full_run, "--resume", "--overwrite"], "choose one"),
-                          ([*full_run, "--targets", "q"], "--targets configure LoRA, but --rank 0"),
-                          ([*full_run, "--rank", "-1"], "--rank must be >= 0"),
-                          ([*full_run, "--epochs", "2"], "--epochs counts passes over whole examples")):  # fmt: skip
+    for argv, message in (
+        ([*full_run, "--resume", "--overwrite"], "choose one"),
+        ([*full_run, "--targets", "q"], "--targets configure LoRA, but --rank 0"),
+        ([*full_run, "--rank", "-1"], "--rank must be >= 0"),
+        ([*full_run, "--epochs", "2"], "--epochs counts passes over whole examples"),
+    ):
         with pytest.raises(SystemExit):
             train.main(argv)
         assert message in capsys.readouterr().err
@@ -291,8 +338,9 @@ def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path)
     mask = np.array([0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 1, 1], dtype=np.uint8)
     folder = str(tmp_path / "pairs")
     prepare_data.write_folder(folder, {"train.bin": tokens, "train_mask.bin": mask}, {})
-    with pytest.raises(ValueError, match="no window of --block-size 2 .* the shortest context is 3 tokens; use "
-                       "--block-size 8 or more"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="no window of --block-size 2 .* the shortest context is 3 tokens; use --block-size 8 or more"
+    ):
         train.load_split(folder, "train", block_size=2, eot_token=100)
     assert train.load_split(folder, "train", block_size=3, eot_token=100).starts.tolist() == [7]  # the short one
 
@@ -351,10 +399,41 @@ def test_padded_batches_hold_one_whole_example_per_row_with_loss_on_its_target(t
 
 def test_the_papers_e2e_recipe_runs_by_epochs_with_a_linear_schedule_and_label_smoothing(tmp_path):
     run = str(tmp_path / "run")
-    argv = [*SCRATCH, "--rank", "4", "--alpha", "32", "--lora-dropout", "0.1", "--data", pairs_folder(tmp_path),
-            "--batching", "padded", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1", "--block-size", "8",
-            "--schedule", "linear", "--warmup-iters", "2", "--label-smoothing", "0.1", "--lr", "1e-2",
-            "--eval-interval", "5", "--device", "cpu", "--run-dir", run]  # fmt: skip
+    argv = [
+        *SCRATCH,
+        "--rank",
+        "4",
+        "--alpha",
+        "32",
+        "--lora-dropout",
+        "0.1",
+        "--data",
+        pairs_folder(tmp_path),
+        "--batching",
+        "padded",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--block-size",
+        "8",
+        "--schedule",
+        "linear",
+        "--warmup-iters",
+        "2",
+        "--label-smoothing",
+        "0.1",
+        "--lr",
+        "1e-2",
+        "--eval-interval",
+        "5",
+        "--device",
+        "cpu",
+        "--run-dir",
+        run,
+    ]
     train.main(argv)
     log = read_log(run)
     assert [r["step"] for r in log] == [0, 5]  # 3 epochs of 3 examples at 2 a step: ceil(9 / 2) = 5 steps
