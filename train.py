@@ -586,6 +586,50 @@ def log(path: str, record: dict) -> None:
 # ---- training ------------------------------------------------------------------------------------
 
 
+def load_data(args: argparse.Namespace, world_size: int, is_main: bool) -> tuple[dict, Split, Split]:
+    """meta.json and the two splits; with --epochs, --max-iters becomes the steps they take."""
+    if world_size > 1 and not is_main:
+        dist.barrier()  # wait while the main process prepares the default data, if it must
+    meta = open_data(args.data)
+    if world_size > 1 and is_main:
+        dist.barrier()
+    padded = args.batching == "padded"
+    splits = [load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val")]
+    if args.epochs is not None:
+        examples_per_step = args.batch_size * args.grad_accum * world_size
+        args.max_iters = max(1, math.ceil(args.epochs * len(splits[0].examples) / examples_per_step))
+    return meta, *splits
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    precision,
+    args: argparse.Namespace,
+) -> float:
+    """Gradients of one step's micro-batches, clipped, then one AdamW step; returns the loss."""
+    loss = forward_backward(model, batches, precision, scaler, args.label_smoothing)
+    if args.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def all_rng_states(generator: torch.Generator, device: str, world_size: int) -> list[dict]:
+    """Every process's random states, gathered for the checkpoint."""
+    if world_size == 1:
+        return [rng_state(generator, device)]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state(generator, device))
+    return states
+
+
 def train(args: argparse.Namespace) -> GPT:
     replaced = check_run_folder(args.run_dir, args.resume, args.overwrite)  # bad input fails before any file is touched
     config = lora_config(args)
@@ -595,20 +639,7 @@ def train(args: argparse.Namespace) -> GPT:
     precision = autocast(device, dtype)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (Ampere and newer)
-
-    # -- data
-    if world_size > 1 and not is_main:
-        dist.barrier()  # wait while the main process prepares the default data, if it must
-    meta = open_data(args.data)
-    if world_size > 1 and is_main:
-        dist.barrier()
-    padded = args.batching == "padded"
-    train_split, val_split = (
-        load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val")
-    )
-    if args.epochs is not None:
-        examples_per_step = args.batch_size * args.grad_accum * world_size
-        args.max_iters = max(1, math.ceil(args.epochs * len(train_split.examples) / examples_per_step))
+    meta, train_split, val_split = load_data(args, world_size, is_main)
 
     # -- model: base, LoRA (freezes the base), device, optimizer
     torch.manual_seed(args.seed)
@@ -624,81 +655,63 @@ def train(args: argparse.Namespace) -> GPT:
     # -- state to resume from, then compile and DDP (after freezing: DDP registers what needs gradients)
     batch_generator = torch.Generator().manual_seed(args.seed + process)  # each process its own batches
     torch.manual_seed(args.seed + process)  # dropout masks differ across processes too
-    state_path = os.path.join(args.run_dir, "train_state.pt")
     start_step = 0
     if args.resume:
-        state = read_train_state(state_path, run_settings(args), world_size)
+        state = read_train_state(os.path.join(args.run_dir, "train_state.pt"), run_settings(args), world_size)
         start_step = restore(state, raw_model, optimizer, scaler, batch_generator, process, device)
     compiled = torch.compile(raw_model) if args.compile else raw_model
     model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else compiled
 
     # -- the loop
-    log_path = os.path.join(args.run_dir, "log.jsonl")
-    val_batches = validation_batches(val_split, args, device)
+    log_path, val_batches = os.path.join(args.run_dir, "log.jsonl"), validation_batches(val_split, args, device)
     if is_main:
         start_log(log_path, replaced, start_step if args.resume else None)
         if start_step == 0:
             log(log_path, {"step": 0, "val_loss": evaluate(compiled, val_batches, precision)})
     model.train()
-    started, training_seconds, n_tokens, saved_step = time.time(), 0.0, 0, start_step if args.resume else None
+    started, seconds, n_tokens, saved_step = time.time(), 0.0, 0, start_step if args.resume else None
     bar = tqdm(
         range(start_step, args.max_iters), "training", initial=start_step, total=args.max_iters, disable=not is_main
     )
     step = start_step
     try:
         for step in bar:
-            step_started = time.time()
-            lr = learning_rate(step, args)
+            step_started, lr = time.time(), learning_rate(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = training_batches(train_split, args, step, process, world_size, batch_generator, device)
-            train_loss = forward_backward(model, batches, precision, scaler, args.label_smoothing)
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            train_loss = optimizer_step(model, optimizer, scaler, batches, precision, args)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # for an honest tokens/s
-            training_seconds += time.time() - step_started
+            seconds += time.time() - step_started
             n_tokens += sum(x.numel() for x, _ in batches) * world_size
-            tokens_per_s = n_tokens / training_seconds  # mean over this run, padding included
+            tokens_per_s = n_tokens / seconds  # mean over this run, padding included
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
-
-            done = step + 1
-            if done % args.eval_interval == 0 or done == args.max_iters:
-                states = [rng_state(batch_generator, device)]
-                if world_size > 1:
-                    states = [None] * world_size
-                    dist.all_gather_object(states, rng_state(batch_generator, device))
+            if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+                rng_states = all_rng_states(batch_generator, device, world_size)
                 if is_main:
                     val_loss = evaluate(compiled, val_batches, precision)  # the main process's alone
-                    bar.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                    bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                    elapsed_s = round(time.time() - started, 1)
                     log(
                         log_path,
                         {
-                            "step": done,
+                            "step": step + 1,
                             "train_loss": train_loss,
                             "val_loss": val_loss,
                             "lr": lr,
                             "tokens_per_s": round(tokens_per_s),
-                            "elapsed_s": round(time.time() - started, 1),
+                            "elapsed_s": elapsed_s,
                         },
                     )
-                    save_checkpoint(args, raw_model, optimizer, scaler, done, states)
-                    saved_step = done
+                    save_checkpoint(args, raw_model, optimizer, scaler, step + 1, rng_states)
+                    saved_step = step + 1
     except KeyboardInterrupt:
         bar.close()
-        where = (
-            f"the last checkpoint is step {saved_step} in {args.run_dir}: --resume continues from it"
-            if saved_step is not None
-            else "no checkpoint was written yet"
-        )
-        print(f"train.py: interrupted at step {step}; {where}", file=sys.stderr)
+        where = f"the last checkpoint is step {saved_step} in {args.run_dir}: --resume continues from it"
+        print(f"train.py: interrupted at step {step}; {where if saved_step else 'no checkpoint yet'}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
-
     if is_main and start_step < args.max_iters:
         written = os.path.join(args.run_dir, "adapter.safetensors" if config else "model.safetensors")
         print(
