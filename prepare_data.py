@@ -30,6 +30,8 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
+from utils import read_text
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # the E2E NLG splits in the LoRA authors' `context||target` format (paper §5.5, Table 3)
 E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e/{split}.txt"
@@ -64,18 +66,7 @@ def read_source(path: str | None, flag: str = "--input") -> tuple[str, str]:
     """(text, where it came from): the local file `path` (given as `flag`), or tiny Shakespeare downloaded."""
     if path is None:
         return download(SHAKESPEARE_URL, "tiny Shakespeare"), SHAKESPEARE_URL
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. with iconv"
-        ) from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return text, path
+    return read_text(path, flag), path
 
 
 # ---- plain text -----------------------------------------------------------------------------------

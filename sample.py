@@ -23,7 +23,7 @@ import torch
 
 from lora import load_adapter, merge_lora, read_adapter
 from model import GPT
-from utils import autocast, resolve_device, resolve_dtype, synchronize
+from utils import autocast, read_text, resolve_device, resolve_dtype, synchronize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,17 +123,7 @@ def read_prompt(text: str) -> str:
         if not text:
             raise ValueError("--prompt is empty: give some text to continue (without --prompt: a newline)")
         return text
-    path = text.removeprefix("FILE:")
-    if not os.path.isfile(path):
-        raise ValueError(f"--prompt {text}: {'not a file' if os.path.exists(path) else 'no such file'}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompt = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompt {text}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not prompt:
-        raise ValueError(f"--prompt {text}: {path} is empty")
-    return prompt
+    return read_text(text.removeprefix("FILE:"), "--prompt FILE:")
 
 
 def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, list[list[int]]]:
