@@ -62,7 +62,7 @@ def download(url: str, what: str) -> str:
         ) from None
 
 
-def read_source(path: str | None, flag: str = "--input") -> tuple[str, str]:
+def read_source(path: str | None, flag: str = "--input ") -> tuple[str, str]:
     """(text, where it came from): the local file `path` (given as `flag`), or tiny Shakespeare downloaded."""
     if path is None:
         return download(SHAKESPEARE_URL, "tiny Shakespeare"), SHAKESPEARE_URL
@@ -169,7 +169,7 @@ def prepare(
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag}{path} is a file, not a folder: remove it or choose another --out-dir or --name")
     train = read_source(input_path)
-    arrays, meta = tokenize(train, read_source(val_path, "--val-input") if val_path else None, format, val_fraction)
+    arrays, meta = tokenize(train, read_source(val_path, "--val-input ") if val_path else None, format, val_fraction)
     write_folder(folder, arrays, meta)
     return folder
 

@@ -65,16 +65,16 @@ def synchronize(device: str) -> None:
 
 
 def read_text(path: str, flag: str) -> str:
-    """A UTF-8 text file given on the command line as `flag`, or one line saying what is wrong with it."""
+    """A UTF-8 text file given on the command line as `flag` (e.g. "--input "), or one line saying what is wrong."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+        raise FileNotFoundError(f"{flag}{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it") from None
+        raise ValueError(f"{flag}{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it") from None
     if not text.strip():
-        raise ValueError(f"{flag} {path} is empty")
+        raise ValueError(f"{flag}{path} is empty")
     return text
 
 
