@@ -294,10 +294,13 @@ def padded_batch(split: Split, indices: list[int], device: str) -> tuple[torch.T
 def epoch_order(n_examples: int, first: int, count: int, seed: int) -> list[int]:
     """Examples `first` .. `first + count - 1` of the run's sequence of epochs, each epoch a new
     shuffle: a function of the position alone, so a resumed run draws what the straight one would."""
+    shuffles: dict[int, torch.Tensor] = {}  # one permutation per epoch the positions fall in (one or two)
     order = []
     for position in range(first, first + count):
         epoch, i = divmod(position, n_examples)
-        order.append(int(torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))[i]))
+        if epoch not in shuffles:
+            shuffles[epoch] = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        order.append(int(shuffles[epoch][i]))
     return order
 
 
