@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FILE",
         help="an adapter file; repeat it for several, with one --prompt each (or one for all)",
     )
-    parser.add_argument("--prompt", action="append", metavar="TEXT", help="the text to continue; default: a newline")
+    parser.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="the text to continue, or FILE:path; default: a newline"
+    )
     parser.add_argument("--base", help="the base; default: the one named in the first adapter")
     parser.add_argument(
         "--merge", action="store_true", help="one pass per adapter with it merged, instead of one mixed batch"
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in dict.fromkeys(args.adapter):  # named by their paths; each checked against the base
             add_adapter(model, path, path)
         model.to(device).eval()
-        texts = args.prompt or ["\n"]
+        texts = [sample.read_prompt(p) for p in args.prompt or ["\n"]]  # text, or FILE:path, as sample.py reads it
         if len(texts) not in (1, len(args.adapter)):
             raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} for {len(args.adapter)} adapters")
         texts = texts * len(args.adapter) if len(texts) == 1 else texts
