@@ -581,7 +581,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         default="auto",
-        help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+        help="auto (bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32), float32, "
         "bfloat16, float16: inference casts the weights, training uses autocast",
     )
     parser.add_argument(

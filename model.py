@@ -161,8 +161,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         scored = targets != -1  # context and padding of pairs take no loss, so get no logits either
-        logits = self.lm_head(x[scored])  # (n_targets, vocab)
-        return None, F.cross_entropy(logits.float(), targets[scored], label_smoothing=label_smoothing)
+        # F.cross_entropy(self.lm_head(x[scored]), targets[scored]), a chunk of rows at a time
+        loss = chunked_cross_entropy(x[scored], self.lm_head.weight, targets[scored], label_smoothing, targets.numel())
+        return None, loss
 
     def hidden_states(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """The last block's output after ln_f (B, T, C), which lm_head turns into logits.
@@ -263,6 +264,64 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
             save_file(_to_hf_layout(self.state_dict()), tmp, metadata={"format": "pt"})
+
+
+# ---- the loss, without ever holding the logits of every target at once ----------------------------
+#
+# F.cross_entropy(lm_head(x).float(), targets) is the plain way. At GPT-2's vocabulary it holds (n_targets,
+# 50,257) logits in fp32 several times over (the logits, their softmax, the gradient): 206 MB each for
+# a 4x256 batch, more than LoRA's whole activations. The same loss and gradients, one chunk of rows at
+# a time: the loss is a scalar, so each chunk's gradient is known in the forward pass; it is kept
+# (n_targets x C, small) and the chunk's logits are dropped. bench.py's training rows measure it.
+
+LOSS_CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 50,257 in fp32 is 51 MB
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, label_smoothing, n_chunks, dtype, needs_grad):
+        """Mean cross-entropy of the logits x @ weight.T (n, vocab) at targets (n,), in n_chunks chunks of
+        rows; matmuls in `dtype`, softmax in fp32."""
+        n, vocab = x.size(0), weight.size(0)
+        W = weight.to(dtype)  # once, not once per chunk
+        grad_x, grad_W = [], torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        loss = torch.zeros((), device=x.device)
+        for x_c, y_c in zip(x.tensor_split(n_chunks), targets.tensor_split(n_chunks)):
+            x_c = x_c.to(dtype)
+            log_p = F.log_softmax((x_c @ W.t()).float(), dim=-1)  # (rows, vocab)
+            target_log_p = log_p.gather(1, y_c[:, None])
+            # as F.cross_entropy smooths: (1 - ε)·(-log p_target) + ε·mean_j(-log p_j)
+            loss -= ((1 - label_smoothing) * target_log_p + label_smoothing * log_p.mean(-1, keepdim=True)).sum()
+            if needs_grad:
+                grad = log_p.exp_()  # the softmax, in log_p's memory
+                grad.scatter_add_(1, y_c[:, None], torch.full_like(target_log_p, label_smoothing - 1))
+                grad = grad.sub_(label_smoothing / vocab).div_(n).to(dtype)  # d(mean loss)/d(logits)
+                grad_x.append((grad @ W).to(x.dtype))
+                if grad_W is not None and dtype == torch.float32:
+                    grad_W.addmm_(grad.t(), x_c)  # in place: no (vocab, C) temporary per chunk
+                elif grad_W is not None:
+                    grad_W += grad.t() @ x_c  # half-precision product, summed in fp32
+        if needs_grad:
+            ctx.save_for_backward(torch.cat(grad_x), grad_W.to(weight.dtype) if grad_W is not None else None)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_W = ctx.saved_tensors
+        return grad_x * grad_loss, None if grad_W is None else grad_W * grad_loss, None, None, None, None, None
+
+
+def chunked_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, positions: int = 0
+) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets, label_smoothing=...) for x (n, C), weight (vocab, C): the same
+    value and gradients, in the autocast dtype when autocast is on. The rows go in chunks of about
+    LOSS_CHUNK_ROWS, counted on `positions` (B·T, a static shape under torch.compile) when given."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    n_chunks = max(1, (positions or x.size(0)) // LOSS_CHUNK_ROWS)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(x, weight, targets, label_smoothing, n_chunks, dtype, needs_grad)
 
 
 # ---- generation: the KV cache and the choice of the next token ------------------------------------

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         default="auto",
-        help="auto (bfloat16 or float16 on a GPU, float32 on the CPU), float32, bfloat16, float16",
+        help="auto (bfloat16 or float16 on a GPU; bfloat16 on a CPU with AMX or AVX512-BF16, else float32), "
+        "float32, bfloat16, float16",
     )
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:

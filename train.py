@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_adapter
+from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, freeze_base_in, save_adapter
 from model import GPT, GPTConfig
-from utils import atomic_path, autocast, parameter_summary, resolve_device, resolve_dtype
+from utils import atomic_path, autocast, describe_dtype, parameter_summary, resolve_device, resolve_dtype
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
 
@@ -137,8 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     system.add_argument(
         "--dtype",
         default="auto",
-        help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; "
-        "float32 on CPU), float32, bfloat16, float16",
+        help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; on a CPU, "
+        "bfloat16 with AMX or AVX512-BF16, else float32), float32, bfloat16, float16. LoRA keeps its frozen "
+        "base in a 16-bit dtype, A and B in float32",
     )
     system.add_argument(
         "--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)"
@@ -647,11 +648,15 @@ def train(args: argparse.Namespace) -> GPT:
     # -- model: base, LoRA (freezes the base), device, optimizer
     torch.manual_seed(args.seed)
     raw_model = build_model(args.base, args, meta["vocab_size"], config).to(device)
+    if config and dtype != torch.float32:
+        freeze_base_in(raw_model, dtype)  # the paper's setup: W0 in 16 bits, A and B (and AdamW's state) in fp32
     for split, name in ((train_split, "train"), (val_split, "val")):
         check_token_ids(split, os.path.join(args.data, f"{name}.bin"), raw_model.config.vocab_size)
     if is_main:
         what = f"LoRA r={config.rank} on {','.join(config.targets)}" if config else "full fine-tuning"
         print(f"{args.base} + {what}: {parameter_summary(raw_model)}")
+        base_in = f", frozen base in {str(dtype).removeprefix('torch.')}" if config and dtype != torch.float32 else ""
+        print(f"precision: {describe_dtype(device, args.dtype)} autocast{base_in}")
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # fp16 needs loss scaling
 

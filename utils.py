@@ -41,16 +41,42 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def cpu_bf16_matmul() -> str | None:
+    """'AMX' or 'AVX512-BF16' where torch reports that this CPU multiplies bf16 matrices natively, else None."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
 def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     """The autocast dtype. 'auto': bfloat16 where CUDA supports it, else float16 (train with a
-    GradScaler); float32 on the CPU, where low-precision autocast is slower than it saves."""
+    GradScaler); on a CPU, bfloat16 where it has native bf16 matmul (AMX, AVX512-BF16), else float32:
+    without it, bf16 matmuls are emulated and slower than fp32 ones."""
     if dtype == "auto":
-        if not device.startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device == "cpu" and cpu_bf16_matmul() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def describe_dtype(device: str, dtype: str) -> str:
+    """The dtype --dtype picks, and why when it was 'auto': 'bfloat16 (auto: the CPU has AMX)'."""
+    chosen = str(resolve_dtype(device, dtype)).removeprefix("torch.")
+    if dtype != "auto":
+        return chosen
+    if device.startswith("cuda"):
+        why = "the GPU " + ("supports" if chosen == "bfloat16" else "lacks") + " bf16"
+    elif device == "cpu":
+        feature = cpu_bf16_matmul()
+        why = f"the CPU has {feature}" if feature else "the CPU lacks AMX and AVX512-BF16"
+    else:
+        why = device
+    return f"{chosen} (auto: {why})"
 
 
 def autocast(device: str, dtype: torch.dtype) -> torch.autocast:

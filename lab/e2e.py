@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=16, help="contexts decoded together (× beams rows)")
     parser.add_argument("--limit", type=int, help="decode only the first N contexts, for a quick look")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, ...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on a GPU or a CPU with AMX or AVX512-BF16, else float32), float32, ...",
+    )
     args = parser.parse_args(argv)
     if min(args.num_beams, args.max_new_tokens, args.batch_size, args.limit or 1) < 1 or args.no_repeat_ngram_size < 0:
         parser.error(

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import model
 from conftest import ROOT, TINY, load_hf
 from model import GPT, GPTConfig
 
@@ -99,3 +101,34 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path, tiny_model):
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weight_trains", [False, True])  # LoRA (the tied lm_head frozen) and full fine-tuning
+def test_chunked_loss_has_the_plain_loss_and_gradients(monkeypatch, label_smoothing, weight_trains):
+    monkeypatch.setattr(model, "LOSS_CHUNK_ROWS", 4)  # 37 rows: 9 chunks, the last one uneven
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=weight_trains)
+    targets = torch.randint(101, (37,))
+    loss = model.chunked_cross_entropy(x, weight, targets, label_smoothing)
+    inputs = (x, weight) if weight_trains else (x,)
+    grads = torch.autograd.grad(3 * loss, inputs)  # a gradient other than 1 flows in, as under a GradScaler
+    plain = F.cross_entropy(x @ weight.t(), targets, label_smoothing=label_smoothing)
+    plain_grads = torch.autograd.grad(3 * plain, inputs)
+    assert torch.allclose(loss, plain, atol=1e-6)
+    for grad, plain_grad in zip(grads, plain_grads):
+        assert torch.allclose(grad, plain_grad, atol=1e-7, rtol=1e-5)
+
+
+def test_chunked_loss_under_bf16_autocast_is_the_plain_one_within_bf16_rounding(tiny_model, monkeypatch):
+    monkeypatch.setattr(model, "LOSS_CHUNK_ROWS", 5)
+    idx, targets = torch.randint(0, TINY.vocab_size, (2, 12)), torch.randint(0, TINY.vocab_size, (2, 12))
+    targets[0, :4] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = tiny_model(idx, targets)
+        logits, _ = tiny_model(idx)
+        plain = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert loss.dtype == torch.float32 and abs(loss.item() - plain.item()) < 1e-2
+    loss.backward()
+    assert tiny_model.transformer.wte.weight.grad.dtype == torch.float32

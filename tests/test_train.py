@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import prepare_data
 import train
 from conftest import ROOT
-from lora import read_adapter
+from lora import freeze_base_in, load_adapter, read_adapter
 from model import GPT, GPTConfig
 
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
@@ -441,3 +441,39 @@ def test_the_papers_e2e_recipe_runs_by_epochs_with_a_linear_schedule_and_label_s
     args = train.parse_args(argv)
     args.max_iters = 5
     assert [train.learning_rate(s, args) for s in (0, 1, 2, 5)] == pytest.approx([5e-3, 1e-2, 1e-2, 0.0])
+
+
+def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_path, char_data):
+    """--dtype bfloat16 stores LoRA's frozen base in bf16 (A, B and AdamW's state stay fp32): its loss curve
+    is the fp32 run's within bf16 noise, and each run's adapter loads onto the other's base."""
+    base = str(tmp_path / "base")
+    pretrain = [*SCRATCH, "--rank", "0", "--lr", "3e-3", *TINY_RUN, "--max-iters", "40"]
+    train.main([*pretrain, "--data", char_data, "--run-dir", base])
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        runs[dtype] = str(tmp_path / dtype)
+        lora_run = ["--base", base, *"--rank 8 --targets q,k,v,o,mlp --lr 1e-2 --max-iters 30".split(), *TINY_RUN]
+        model = train.main(
+            [*lora_run, "--eval-interval", "10", "--dtype", dtype, "--data", char_data, "--run-dir", runs[dtype]]
+        )
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert (frozen, trained) == ({getattr(torch, dtype)}, {torch.float32})
+        state = torch.load(os.path.join(runs[dtype], "train_state.pt"), weights_only=True)
+        assert {t.dtype for s in state["optimizer"]["state"].values() for t in s.values() if t.dim()} == {torch.float32}
+    for metric in ("train_loss", "val_loss"):  # the same batches in both runs: only the precision differs
+        curves = {dtype: [r.get(metric, np.nan) for r in read_log(run)] for dtype, run in runs.items()}
+        assert np.allclose(curves["bfloat16"], curves["float32"], atol=0.02, equal_nan=True), curves
+    assert curves["float32"][-1] < curves["float32"][0] - 0.03  # val loss: the adapters learned
+
+    tokens = np.fromfile(os.path.join(char_data, "val.bin"), dtype=np.uint16)[:1025].astype(np.int64)
+    x, y = torch.from_numpy(tokens[:-1]).view(32, 32), torch.from_numpy(tokens[1:]).view(32, 32)
+    losses = {}
+    for adapter_of, base_dtype in (("bfloat16", torch.float32), ("float32", torch.bfloat16)):
+        model = GPT.from_pretrained(base)
+        config = load_adapter(model, os.path.join(runs[adapter_of], "adapter.safetensors"))  # injects LoRA
+        assert config.rank == 8
+        freeze_base_in(model, base_dtype)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=base_dtype == torch.bfloat16):
+            losses[adapter_of] = model.eval()(x, y)[1].item()
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.01, losses
