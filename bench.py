@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
 from lab.multi_adapter import add_adapter, generate_with_adapters
-from lora import TARGETS, LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from lora import TARGETS, LoRAConfig, apply_lora, freeze_base_in, lora_layers, merge_lora, save_adapter
 from model import GPT, PRETRAINED
 from utils import atomic_path, autocast, resolve_device, resolve_dtype
 
@@ -228,11 +228,14 @@ def training_runs(peers: bool) -> list[TrainingRun]:
     return runs
 
 
-def our_setup(run: TrainingRun, size: str, device: str):
-    """(model, loss of a batch, save a checkpoint into a folder) for model.py + lora.py."""
+def our_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
+    """(model, loss of a batch, save a checkpoint into a folder) for model.py + lora.py; as train.py
+    does, LoRA's frozen base is stored in the autocast dtype when that is a 16-bit one."""
     model = build_model(size, device)
     if run.targets:
         apply_lora(model, LoRAConfig(LORA_RANK, targets=run.targets))
+        if dtype != torch.float32:
+            freeze_base_in(model, dtype)
 
         def save(folder):
             save_adapter(model, os.path.join(folder, "adapter.safetensors"))
@@ -247,10 +250,11 @@ def our_setup(run: TrainingRun, size: str, device: str):
     return model, loss_of, save
 
 
-def peer_setup(run: TrainingRun, size: str, device: str):
+def peer_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
     """The same for Hugging Face GPT-2 and PEFT. PEFT adapts whole modules: it cannot give q and v
     of the fused c_attn their own A and B, so q,v becomes LoRA on all of c_attn (q, k and v under
-    one A and one B: at r=4 the same parameter count, 12,288 per block at d=768, but k adapted too)."""
+    one A and one B: at r=4 the same parameter count, 12,288 per block at d=768, but k adapted too).
+    Its weights stay fp32 under the same autocast: PEFT's own recipe (`dtype` is unused)."""
     import transformers
 
     transformers.logging.set_verbosity_error()  # its config warnings and progress bars, not ours
@@ -286,7 +290,7 @@ def measure_training(
     """Train `run` for warmup + trials steps of AdamW on random tokens; runs in its own process."""
     torch.manual_seed(0)
     dtype = resolve_dtype(device, dtype_name)
-    model, loss_of, save = (our_setup if run.library == "ours" else peer_setup)(run, size, device)
+    model, loss_of, save = (our_setup if run.library == "ours" else peer_setup)(run, size, device, dtype)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
@@ -312,9 +316,13 @@ def measure_training(
         checkpoint_bytes = sum(
             os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
         )
+    # model FLOPs per token: 2·N forward, 2·N for the activations' gradients, 2·N more for the
+    # weights' gradients in full fine-tuning (LoRA's A and B: negligible); N = every weight
+    flops_per_token = (4 if run.targets else 6) * sum(p.numel() for p in model.parameters())
     return {
         "step time": [1000 * s for s in seconds],
         "tokens/s": [batch * seq / s for s in seconds],
+        "model FLOP/s": [flops_per_token * batch * seq / s for s in seconds],
         "trainable params": [trainable_parameters(model)],
         "optimizer state": [optimizer_bytes],
         "peak memory": [peak_memory],
@@ -325,11 +333,24 @@ def measure_training(
 UNITS = {
     "step time": "ms",
     "tokens/s": "tokens/s",
+    "model FLOP/s": "FLOP/s",
+    "of matmul peak": "%",
     "trainable params": "",
     "optimizer state": "B",
     "peak memory": "B",
     "checkpoint": "B",
 }
+
+
+def matmul_peak(device: str, dtype: torch.dtype, trials: int) -> float:
+    """The FLOP/s of this device's best case, a large square matmul in `dtype` (median of trials):
+    the limit a training step's model FLOP/s is measured against."""
+    n = 4096 if device.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    seconds = [timed(lambda: a @ b, device) for _ in range(max(trials, 5))]
+    return 2 * n**3 / statistics.median(seconds)
 
 
 def training_rows(args: argparse.Namespace) -> list[dict]:
@@ -338,12 +359,14 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     dtype = resolve_dtype(args.device, args.dtype)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
+    peak = matmul_peak(args.device, dtype, args.trials)
     rows = []
     for run in tqdm(training_runs(args.peers), desc="training", leave=False):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             measured = pool.submit(
                 measure_training, run, args.size, args.train_shape, args.device, args.dtype, args.warmup, args.trials
             ).result()
+        measured["of matmul peak"] = [100 * flops / peak for flops in measured["model FLOP/s"]]
         for metric, values in measured.items():
             rows.append(
                 row(
@@ -357,6 +380,7 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
                     shape=f"{batch}x{seq}",
                     device=args.device_name,
                     dtype=str(dtype).removeprefix("torch."),
+                    matmul_peak=peak,
                 )
             )
     return rows
@@ -365,14 +389,16 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
 # ---- several adapters in one batch: past the limitation the paper names in §4.2 --------------------
 
 MERGED_PER_ADAPTER = "one merged pass per adapter"
+ONE_MERGED = "the same batch, one adapter merged (the ceiling)"
 MIXED_TRIALS = 3  # each trial is a whole generation, long enough to average out by itself
 
 
 def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
     """N adapters × one prompt each, greedy generation (sample.py's path): tokens/s of one unmerged
-    batch in which every row runs its own adapter (lora.adapter_per_row), against serving merged
-    weights one adapter after another, merge and unmerge timed too (they are the cost of
-    switching tasks). Random q,v adapters: the speed does not depend on their values."""
+    batch in which every row runs its own adapter (adapter_per_row), and of serving merged weights
+    one adapter after another, merge and unmerge timed too (they are the cost of switching tasks),
+    against the ceiling: the same batch with one adapter merged, the base model's speed. Random
+    q,v adapters: the speed does not depend on their values."""
     n_adapters, prompt_length, new_tokens = args.mixed
     device, dtype = args.device, resolve_dtype(args.device, args.dtype)
     torch.manual_seed(0)
@@ -385,14 +411,18 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
                     B.normal_(0, 0.02)
         add_adapter(model, name)
     prompts = torch.randint(model.config.vocab_size, (n_adapters, prompt_length)).tolist()
-    merge = {"one mixed batch": False, MERGED_PER_ADAPTER: True}
-    seconds = {what: [] for what in merge}
+    ways = {  # (the adapter of each row, merged)
+        ONE_MERGED: ([names[0]] * n_adapters, True),
+        "one mixed batch": (names, False),
+        MERGED_PER_ADAPTER: (names, True),
+    }
+    seconds = {what: [] for what in ways}
     with autocast(device, dtype):
-        for what in merge:  # warm-up
-            generate_with_adapters(model, prompts, names, merge[what], 2, temperature=0)
+        for adapters, merge in ways.values():  # warm-up
+            generate_with_adapters(model, prompts, adapters, merge, 2, temperature=0)
         for _ in tqdm(range(MIXED_TRIALS), desc="mixed adapters", leave=False):
-            for what in merge:
-                run = lambda: generate_with_adapters(model, prompts, names, merge[what], new_tokens, temperature=0)  # noqa: E731
+            for what, (adapters, merge) in ways.items():
+                run = lambda: generate_with_adapters(model, prompts, adapters, merge, new_tokens, temperature=0)  # noqa: E731
                 seconds[what].append(timed(run, device))
     return [
         row(
@@ -401,13 +431,13 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
             "tokens/s",
             "tokens/s",
             [n_adapters * new_tokens / s for s in seconds[what]],
-            MERGED_PER_ADAPTER,
+            ONE_MERGED,
             model=args.size,
             shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
             device=args.device_name,
             dtype=str(dtype).removeprefix("torch."),
         )
-        for what in merge
+        for what in ways
     ]
 
 
@@ -422,6 +452,10 @@ def human(value: float, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "":
         return f"{value / 1e6:.3g}M" if value >= 1e5 else f"{value:,.0f}"
+    if unit == "FLOP/s":
+        return f"{number(value / 1e12)} TFLOP/s"
+    if unit == "%":
+        return f"{value:.3g}%"
     return f"{number(value)} {unit}".replace("tokens/s", "tok/s")
 
 
@@ -460,8 +494,14 @@ def training_table(rows: list[dict]) -> str:
     cells = {(r["what"], r["metric"]): r for r in rows}
     lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name in names:
-        out = [f"{human(cells[name, m]['median'], UNITS[m])} (×{cells[name, m]['ratio']:.3g})" for m in metrics]
+        out = [human(cells[name, m]["median"], UNITS[m]) for m in metrics]
+        out = [f"{v} (×{cells[name, m]['ratio']:.3g})" if m != "of matmul peak" else v for v, m in zip(out, metrics)]
         lines.append(f"| {name} | " + " | ".join(out) + " |")
+    peak = rows[0]["matmul_peak"]
+    lines.append(
+        f"\nmatmul peak: {human(peak, 'FLOP/s')} (a 2048² or 4096² matmul in {rows[0]['dtype']}); model FLOP/s "
+        "counts 4·N a token for LoRA (forward, activations' gradients), 6·N for full fine-tuning"
+    )
     lora = f"LoRA r={LORA_RANK} q,v"
     if (lora, "checkpoint") in cells:
         memory, checkpoint, speed = (cells[lora, m]["ratio"] for m in ("peak memory", "checkpoint", "tokens/s"))
@@ -470,6 +510,10 @@ def training_table(rows: list[dict]) -> str:
             f"÷{PAPER_TRAINING['peak memory']:.2g}), checkpoint ÷{1 / checkpoint:,.0f} "
             f"(paper: ÷{PAPER_TRAINING['checkpoint']:,.0f}), tokens/s ×{speed:.3g} (paper: ×{PAPER_TRAINING['tokens/s']})"
         )
+    peft = f"HF+PEFT LoRA r={LORA_RANK} c_attn"
+    if (lora, "tokens/s") in cells and (peft, "tokens/s") in cells:
+        ours, theirs = cells[lora, "tokens/s"]["median"], cells[peft, "tokens/s"]["median"]
+        lines.append(f"{lora} vs {peft}: tokens/s ×{ours / theirs:.3g}")
     return "\n".join(lines)
 
 

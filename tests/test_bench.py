@@ -53,7 +53,7 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     whats = {t: {r["what"] for r in rows if r["table"] == t} for t in METRICS}
     assert whats["inference"] == {bench.BASE, "LoRA merged", "LoRA unmerged", "Adapter^H", "Adapter^L"}
     assert whats["training"] == {run.what for run in bench.training_runs(peers=False)}
-    assert whats["mixed adapters"] == {"one mixed batch", bench.MERGED_PER_ADAPTER}
+    assert whats["mixed adapters"] == {"one mixed batch", bench.MERGED_PER_ADAPTER, bench.ONE_MERGED}
     for table, metrics in METRICS.items():
         shapes = {"inference": ["1x8", "2x16"], "training": ["2x8"], "mixed adapters": ["3x4+3"]}[table]
         # one row per model, metric and shape: nothing missing, nothing twice
@@ -74,6 +74,12 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     n_params = GPT(TINY).num_parameters()
     assert by_key[bench.FULL, "trainable params"] == n_params
     assert by_key[bench.FULL, "optimizer state"] >= 2 * 4 * n_params  # AdamW: two fp32 moments a weight
+    for what in whats["training"]:  # model FLOPs: 6·N a token fully fine-tuned, 4·N with LoRA (N: every weight)
+        lora = what != bench.FULL
+        n = n_params + lora * by_key[what, "trainable params"]
+        assert by_key[what, "model FLOP/s"] == pytest.approx((4 if lora else 6) * n * by_key[what, "tokens/s"])
+        peak = next(r["matmul_peak"] for r in rows if r["what"] == what)
+        assert by_key[what, "of matmul peak"] == pytest.approx(100 * by_key[what, "model FLOP/s"] / peak)
     printed = capsys.readouterr().out
     assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed and "| one mixed batch |" in printed
     assert (out / "bench.png").stat().st_size > 0
