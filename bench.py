@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
 from lab.multi_adapter import add_adapter, generate_with_adapters
-from lora import TARGETS, LoRAConfig, apply_lora, freeze_base_in, lora_layers, merge_lora, save_adapter
-from model import GPT, PRETRAINED
-from utils import atomic_path, autocast, resolve_device, resolve_dtype
+from lora import TARGETS, LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from model import GPT, PRETRAINED, hf_config
+from train import freeze_base_in
+from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype
 
 LORA_RANK = 4  # alpha 8, lora.py's default
 
@@ -117,19 +118,21 @@ def describe_device(device: str) -> str:
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def row(table: str, what: str, metric: str, unit: str, values: list[float], reference: str, **context) -> dict:
-    """One measurement as results.json stores it: median, min and max of its values."""
-    return dict(
-        table=table,
-        what=what,
-        metric=metric,
-        unit=unit,
-        reference=reference,
-        **context,
-        median=statistics.median(values),
-        min=min(values),
-        max=max(values),
-    )
+def row(
+    args: argparse.Namespace,
+    table: str,
+    what: str,
+    metric: str,
+    unit: str,
+    values: list[float],
+    reference: str,
+    **context,
+) -> dict:
+    """One measurement as results.json stores it: where it was measured, and median, min and max of its values."""
+    dtype = str(resolve_dtype(args.device, args.dtype)).removeprefix("torch.")
+    measured = dict(median=statistics.median(values), min=min(values), max=max(values))
+    where = dict(model=args.size, device=args.device_name, dtype=dtype)
+    return dict(table=table, what=what, metric=metric, unit=unit, reference=reference, **where, **context, **measured)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -180,20 +183,9 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
                 seconds[name].append(timed(lambda: model(x), device))
         for name, model in variants.items():
             params = base.num_parameters() if name == BASE else trainable_parameters(model)
+            values = [1000 * s for s in seconds[name]]
             rows.append(
-                row(
-                    "inference",
-                    name,
-                    "latency",
-                    "ms",
-                    [1000 * s for s in seconds[name]],
-                    BASE,
-                    model=args.size,
-                    shape=f"{batch}x{seq}",
-                    device=args.device_name,
-                    dtype=str(dtype).removeprefix("torch."),
-                    params=params,
-                )
+                row(args, "inference", name, "latency", "ms", values, BASE, shape=f"{batch}x{seq}", params=params)
             )
     return rows
 
@@ -261,16 +253,7 @@ def peer_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calling transformers' deprecated API
     c = PRETRAINED[size] if size in PRETRAINED else GPT.from_pretrained(size).config
-    config = transformers.GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    config = transformers.GPT2Config(**hf_config(c))  # the dropouts are 0, as in ours
     with torch.device(device):
         model = transformers.GPT2LMHeadModel(config)
     if run.targets:
@@ -355,7 +338,7 @@ def matmul_peak(device: str, dtype: torch.dtype, trials: int) -> float:
 
 def training_rows(args: argparse.Namespace) -> list[dict]:
     """One fresh process per configuration (spawned, so CUDA works in it and no memory is shared)."""
-    batch, seq = args.train_shape
+    shape = "x".join(map(str, args.train_shape))
     dtype = resolve_dtype(args.device, args.dtype)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
@@ -369,19 +352,7 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
         measured["of matmul peak"] = [100 * flops / peak for flops in measured["model FLOP/s"]]
         for metric, values in measured.items():
             rows.append(
-                row(
-                    "training",
-                    run.what,
-                    metric,
-                    UNITS[metric],
-                    values,
-                    FULL,
-                    model=args.size,
-                    shape=f"{batch}x{seq}",
-                    device=args.device_name,
-                    dtype=str(dtype).removeprefix("torch."),
-                    matmul_peak=peak,
-                )
+                row(args, "training", run.what, metric, UNITS[metric], values, FULL, shape=shape, matmul_peak=peak)
             )
     return rows
 
@@ -424,19 +395,10 @@ def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
             for what, (adapters, merge) in ways.items():
                 run = lambda: generate_with_adapters(model, prompts, adapters, merge, new_tokens, temperature=0)  # noqa: E731
                 seconds[what].append(timed(run, device))
+    shape = f"{n_adapters}x{prompt_length}+{new_tokens}"
+    tokens_per_s = {what: [n_adapters * new_tokens / s for s in seconds[what]] for what in ways}
     return [
-        row(
-            "mixed adapters",
-            what,
-            "tokens/s",
-            "tokens/s",
-            [n_adapters * new_tokens / s for s in seconds[what]],
-            ONE_MERGED,
-            model=args.size,
-            shape=f"{n_adapters}x{prompt_length}+{new_tokens}",
-            device=args.device_name,
-            dtype=str(dtype).removeprefix("torch."),
-        )
+        row(args, "mixed adapters", what, "tokens/s", "tokens/s", tokens_per_s[what], ONE_MERGED, shape=shape)
         for what in ways
     ]
 
@@ -621,13 +583,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-shape", help="the training batch, batch x sequence length: 2x128")
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
     parser.add_argument("--warmup", type=int, help="untimed ones before them")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32), float32, "
-        "bfloat16, float16: inference casts the weights, training uses autocast",
-    )
+    add_hardware_flags(parser, "inference casts the weights to it, training runs under its autocast")
     parser.add_argument(
         "--peers", action="store_true", help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA"
     )

@@ -166,15 +166,6 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
     return model
 
 
-def freeze_base_in(model: GPT, dtype: torch.dtype) -> GPT:
-    """Store the frozen base in `dtype` (bfloat16 or float16 under autocast of that dtype), A and B in fp32.
-    §4.2's 350 GB for GPT-3 is its 175B frozen weights in 16 bits; here too the base then takes half the
-    memory, and autocast has no fp32 weight to cast again at every step. Merging stays in fp32."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
-    return model
-
-
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

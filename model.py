@@ -241,27 +241,8 @@ class GPT(nn.Module):
         """Write `config.json` + `model.safetensors` as transformers' save_pretrained does, so this
         folder loads here and in Hugging Face tools. Each file is written atomically."""
         os.makedirs(folder, exist_ok=True)
-        c = self.config
-        hf_config = dict(
-            architectures=["GPT2LMHeadModel"],
-            model_type="gpt2",
-            activation_function="gelu_new",
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_ctx=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            layer_norm_epsilon=c.layer_norm_epsilon,
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            bos_token_id=50256,
-            eos_token_id=50256,
-            tie_word_embeddings=True,
-        )
         with atomic_path(os.path.join(folder, "config.json")) as tmp, open(tmp, "w") as f:
-            json.dump(hf_config, f, indent=2)
+            json.dump(hf_config(self.config), f, indent=2)
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
             save_file(_to_hf_layout(self.state_dict()), tmp, metadata={"format": "pt"})
 
@@ -360,6 +341,28 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+
+
+def hf_config(c: GPTConfig) -> dict:
+    """The Hugging Face config.json of a GPTConfig: read_config's inverse."""
+    return dict(
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        activation_function="gelu_new",
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_ctx=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
+    )
 
 
 def read_config(path: str, dropout: float = 0.0) -> GPTConfig:

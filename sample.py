@@ -23,7 +23,7 @@ import torch
 
 from lora import load_adapter, merge_lora, read_adapter
 from model import GPT
-from utils import autocast, read_text, resolve_device, resolve_dtype, synchronize
+from utils import add_hardware_flags, autocast, read_text, resolve_device, resolve_dtype, synchronize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,13 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "for every token, to measure what the cache saves",
     )
     parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bfloat16 or float16 on a GPU; bfloat16 on a CPU with AMX or AVX512-BF16, else float32), "
-        "float32, bfloat16, float16",
-    )
+    add_hardware_flags(parser)
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         parser.error("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")

@@ -30,9 +30,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, freeze_base_in, save_adapter
+from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
-from utils import atomic_path, autocast, describe_dtype, parameter_summary, resolve_device, resolve_dtype
+from utils import (
+    add_hardware_flags,
+    atomic_path,
+    autocast,
+    describe_dtype,
+    parameter_summary,
+    resolve_device,
+    resolve_dtype,
+)
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
 
@@ -133,14 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="replace the run in --run-dir: its files are deleted once every input has been checked",
     )
     system = parser.add_argument_group("hardware")
-    system.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    system.add_argument(
-        "--dtype",
-        default="auto",
-        help="autocast dtype: auto (bfloat16 where CUDA supports it, else float16 with a GradScaler; on a CPU, "
-        "bfloat16 with AMX or AVX512-BF16, else float32), float32, bfloat16, float16. LoRA keeps its frozen "
-        "base in a 16-bit dtype, A and B in float32",
-    )
+    add_hardware_flags(system, "the autocast dtype (LoRA keeps its frozen base in it when it has 16 bits)")
     system.add_argument(
         "--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)"
     )
@@ -554,6 +555,13 @@ def build_model(base: str, args: argparse.Namespace, vocab_size: int, config: Lo
             f"vocab {model.config.vocab_size} and block size {model.config.block_size}"
         )
     return apply_lora(model, config) if config else model
+
+
+def freeze_base_in(model: GPT, dtype: torch.dtype) -> None:
+    """LoRA's frozen base in `dtype` (16 bits, under autocast in it), A and B in fp32: §4.2's 350 GB is GPT-3's
+    175B frozen weights in 16 bits. Half the memory, and no fp32 weight for autocast to cast every step."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
 
 
 def make_optimizer(model: GPT, lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:

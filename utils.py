@@ -3,6 +3,7 @@ Nothing here knows about GPT-2 or LoRA."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,17 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_hardware_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, dtype_use: str = "autocast") -> None:
+    """--device and --dtype, worded and meaning the same in every script."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help=f"{dtype_use}: auto (bfloat16 on a GPU that has it, else float16; on a CPU, bfloat16 where it has AMX "
+        "or AVX512-BF16, else float32), float32, bfloat16, float16",
+    )
 
 
 def resolve_device(device: str = "auto") -> str:

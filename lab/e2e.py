@@ -28,7 +28,7 @@ from lab.beam_search import beam_search
 from lab.e2e_metrics import METRICS, group_pairs, score
 from lora import load_adapter, merge_lora
 from model import GPT
-from utils import atomic_path, autocast, resolve_device, resolve_dtype
+from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype
 
 # Table 3 of the paper, GPT-2 medium (BLEU, METEOR, ROUGE-L in %, as the paper prints them).
 PAPER_TABLE3 = {
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the longest text decoded (the authors': 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts decoded together (× beams rows)")
     parser.add_argument("--limit", type=int, help="decode only the first N contexts, for a quick look")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bfloat16 on a GPU or a CPU with AMX or AVX512-BF16, else float32), float32, ...",
-    )
+    add_hardware_flags(parser)
     args = parser.parse_args(argv)
     if min(args.num_beams, args.max_new_tokens, args.batch_size, args.limit or 1) < 1 or args.no_repeat_ngram_size < 0:
         parser.error(

@@ -33,7 +33,7 @@ from lora import (
     unmerged,
 )
 from model import GPT
-from utils import autocast, resolve_device, resolve_dtype, unwrap
+from utils import add_hardware_flags, autocast, resolve_device, resolve_dtype, unwrap
 
 
 class BankedLoRALinear(LoRALinear):
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=100, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    add_hardware_flags(parser)
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} for {len(args.adapter)} adapters")
         texts = texts * len(args.adapter) if len(texts) == 1 else texts
         encoding, prompts = sample.encode_prompts(model, texts)
-        with autocast(device, resolve_dtype(device)):
+        with autocast(device, resolve_dtype(device, args.dtype)):
             outputs = generate_with_adapters(
                 model, prompts, args.adapter, args.merge, args.max_new_tokens, temperature=args.temperature
             )

@@ -1,65 +1,85 @@
-"""Where a training step's time goes on a GPU: LoRA r=4 on q,v against full fine-tuning.
+"""Where a training step's time goes: LoRA r=4 on q,v against full fine-tuning, under torch.profiler.
 
-    python -m lab.profile_step
+    python -m lab.profile_step                                         # a GPU: GPT-2 medium, 8 x 512, bf16
+    python -m lab.profile_step --device cpu --size gpt2 --shape 4x256  # a CPU: GPT-2 small, float32 or bf16
 
-GPT-2 medium (random weights), one batch of 8 x 512 tokens, bf16 autocast, fused AdamW: the
-training shape of `bench.py --device cuda`. Prints the median step time over 10 steps, then
-torch.profiler's table over 3 more, whose totals split the time into the GPU's own work
-("Self CUDA time total") and the CPU's work of issuing it ("Self CPU time total").
+Random weights, AdamW, the autocast dtype of --dtype and, for LoRA in 16 bits, the frozen base stored in
+it: the setup of bench.py's training rows. Prints the median step time over --steps steps, then
+torch.profiler's table over 3 more, sorted by the operators' own time. On a GPU its totals split the
+time into the GPU's own work ("Self CUDA time total") and the CPU's work of issuing it ("Self CPU").
 """
 
+import argparse
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench import build_model, parse_shapes, timed
 from lora import LoRAConfig, apply_lora
-from model import GPT, PRETRAINED
-from utils import autocast
+from train import freeze_base_in
+from utils import add_hardware_flags, autocast, describe_dtype, resolve_device, resolve_dtype
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit(
-            "lab.profile_step: error: this profiles a GPU step and needs CUDA (torch.cuda.is_available() is False)"
-        )
+def profile_step(size: str, rank: int, shape: tuple[int, int], device: str, dtype: torch.dtype, steps: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(size, device)
+    if rank:
+        apply_lora(model, LoRAConfig(rank))
+        if dtype != torch.float32:
+            freeze_base_in(model, dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
+    x = torch.randint(model.config.vocab_size, shape, device=device)
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    seconds = [timed(step, device) for _ in range(steps)]
+    print(
+        f"=== {f'LoRA r={rank} q,v' if rank else 'full fine-tuning'}: median step {1000 * statistics.median(seconds):.1f} ms"
+    )
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        for _ in range(3):
+            timed(step, device)
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=14, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lab.profile_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--size", help="gpt2, gpt2-medium, ... (random weights); default gpt2-medium on a GPU, gpt2 on a CPU"
+    )
+    parser.add_argument("--shape", help="the batch, batch x sequence length; default 8x512 on a GPU, 4x256 on a CPU")
+    add_hardware_flags(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps before the profiled ones (default: 10)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    size, (shape,) = (
+        args.size or ("gpt2-medium" if cuda else "gpt2"),
+        parse_shapes(args.shape or ("8x512" if cuda else "4x256")),
+    )
+    dtype = resolve_dtype(device, args.dtype)
+    print(f"{size}, {shape[0]}x{shape[1]}, {device}, {describe_dtype(device, args.dtype)}")
     for rank in (0, 4):
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = GPT(PRETRAINED["gpt2-medium"])
-        if rank:
-            apply_lora(model, LoRAConfig(rank))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        x = torch.randint(model.config.vocab_size, (8, 512), device="cuda")
-
-        def step():
-            with autocast("cuda", torch.bfloat16):
-                _, loss = model(x, x)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(5):
-            step()
-        seconds = []
-        for _ in range(10):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-        print(
-            f"=== {'full fine-tuning' if rank == 0 else f'LoRA r={rank} q,v'}: median step {1000 * statistics.median(seconds):.1f} ms"
-        )
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        torch.cuda.empty_cache()
+        profile_step(size, rank, shape, device, dtype, args.steps)
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"lab.profile_step: error: {e}")

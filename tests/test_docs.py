@@ -33,8 +33,6 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path
 
 # `python -m X` commands of other projects, not ours: nothing of ours to parse.
 EXTERNAL = {"pytest"}
-# Ours, but without a command line: it runs its work when imported and takes no arguments.
-NO_CLI = {"lab.profile_step"}
 # Words about where the project is developed, which nothing a user reads may contain.
 FORBIDDEN = ("../shared", "this machine", "development machine", "development session", "lent for")
 EQ3 = "h[..., rows] += self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())"
@@ -141,10 +139,6 @@ def check_parses(module_name: str, args: list[str], monkeypatch: pytest.MonkeyPa
 def test_documented_command_parses(where, line, variables, monkeypatch):
     tokens = shlex.split(expand(line, variables), comments=True)
     module_name, args = script_and_args(tokens)
-    if module_name in NO_CLI:
-        assert args == [], f"{where}: {module_name} takes no arguments"
-        assert os.path.isfile(os.path.join(ROOT, *module_name.split(".")) + ".py")
-        return
     check_parses(module_name, args, monkeypatch)
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import prepare_data
 import train
 from conftest import ROOT
-from lora import freeze_base_in, load_adapter, read_adapter
+from lora import load_adapter, read_adapter
 from model import GPT, GPTConfig
 
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
@@ -473,7 +473,7 @@ def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_p
         model = GPT.from_pretrained(base)
         config = load_adapter(model, os.path.join(runs[adapter_of], "adapter.safetensors"))  # injects LoRA
         assert config.rank == 8
-        freeze_base_in(model, base_dtype)
+        train.freeze_base_in(model, base_dtype)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=base_dtype == torch.bfloat16):
             losses[adapter_of] = model.eval()(x, y)[1].item()
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.01, losses
