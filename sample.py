@@ -29,46 +29,24 @@ from utils import add_hardware_flags, autocast, read_text, resolve_device, resol
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--run-dir",
-        default=None,
-        metavar="DIR",
-        help="a train.py run folder: its adapter.safetensors (a LoRA run) or its config.json + "
-        "model.safetensors (a --rank 0 run). Default: out, unless --adapter or --base is given",
-    )
+    run_help = "a train.py run folder: its adapter (LoRA) or its model (--rank 0); out, unless --adapter or --base"
+    source.add_argument("--run-dir", metavar="DIR", help=run_help)
     source.add_argument("--adapter", metavar="FILE", help="an adapter file, instead of a run folder")
-    parser.add_argument(
-        "--base",
-        default=None,
-        help="the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder with config.json + "
-        "model.safetensors. Default: the base named in the adapter",
-    )
+    base_help = "the base: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a model folder; if unset, the adapter's base"
+    parser.add_argument("--base", help=base_help)
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights before generating")
     parser.add_argument(
-        "--prompt",
-        default="\n",
-        metavar="TEXT",
-        help="the text to continue, or FILE:path to read it from a file (default: a newline)",
+        "--prompt", default="\n", metavar="TEXT", help="the text to continue, or FILE:path (default: a newline)"
     )
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, in one batch (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     parser.add_argument(
-        "--num-samples", type=int, default=1, help="samples of the prompt, in one batch (default: %(default)s)"
+        "--top-k", type=int, default=200, help="sample from the k most likely tokens, 0: all (default: 200)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: %(default)s)")
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=200,
-        help="sample only from the k most likely tokens, 0 for all (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--kv-cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the keys and values of earlier tokens; --no-kv-cache reruns the whole context "
-        "for every token, to measure what the cache saves",
-    )
-    parser.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
+    cache_help = "reuse the keys and values of earlier tokens (--no-kv-cache: rerun the context for every token)"
+    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True, help=cache_help)
+    parser.add_argument("--seed", type=int, default=1337, help="(default: 1337)")
     add_hardware_flags(parser)
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:

@@ -52,94 +52,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     lora = parser.add_argument_group("LoRA (paper §4)")
-    lora.add_argument(
-        "--rank", type=int, default=4, help="r, the rank of ΔW = B·A; 0 trains every weight instead (full fine-tuning)"
-    )
-    lora.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="α (default 8): the update is scaled by α/r, so α need not change with r",
-    )
-    lora.add_argument(
-        "--targets",
-        default=None,
-        help=f"weights to adapt, from q,k,v,o,mlp (default {','.join(DEFAULT_TARGETS)}; §4.2: q,v does "
-        "best on a budget)",
-    )
-    lora.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA branch's input (default 0)")
+    lora.add_argument("--rank", type=int, default=4, help="r, the rank of ΔW = B·A; 0: full fine-tuning instead")
+    lora.add_argument("--alpha", type=float, help="α (if unset, 8): ΔW is scaled by α/r, so α need not follow r")
+    targets_help = f"weights to adapt, of q,k,v,o,mlp (if unset, {','.join(DEFAULT_TARGETS)}: §4.2's best on a budget)"
+    lora.add_argument("--targets", help=targets_help)
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
     model = parser.add_argument_group("model and data")
-    model.add_argument(
-        "--base",
-        default="gpt2",
-        help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face hub), a folder "
-        "written by a --rank 0 run, or scratch (a new random model shaped by --n-layer/--n-head/--n-embd)",
-    )
+    base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"
+    model.add_argument("--base", default="gpt2", help=base_help)
     model.add_argument("--n-layer", type=int, default=6, help="with --base scratch: transformer blocks")
     model.add_argument("--n-head", type=int, default=6, help="with --base scratch: attention heads")
     model.add_argument("--n-embd", type=int, default=384, help="with --base scratch: width")
-    model.add_argument(
-        "--data",
-        default=DEFAULT_DATA,
-        help=f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)",
-    )
-    model.add_argument(
-        "--run-dir",
-        default="out",
-        help="the run folder: the adapter (or model), log.jsonl and train_state.pt. A folder that "
-        "holds another run is refused unless --resume continues it or --overwrite replaces it",
-    )
+    data_help = f"a folder made by prepare_data.py ({DEFAULT_DATA} is prepared on first use)"
+    model.add_argument("--data", default=DEFAULT_DATA, help=data_help)
+    run_help = "the adapter (or model), log.jsonl, train_state.pt; a folder of another run is refused (see --resume)"
+    model.add_argument("--run-dir", default="out", help=run_help)
     loop = parser.add_argument_group("optimisation")
     loop.add_argument("--max-iters", type=int, default=1000, help="optimizer steps")
-    loop.add_argument(
-        "--epochs",
-        type=float,
-        default=None,
-        help="with --batching padded: passes over the training examples, instead of --max-iters",
+    loop.add_argument("--epochs", type=float, help="with --batching padded: passes over the examples, not --max-iters")
+    batching_help = (
+        "packed: windows of --block-size tokens (pairs: from an example's start); padded: one whole example "
+        "a row, right-padded (pairs only; the paper's E2E setup)"
     )
-    loop.add_argument(
-        "--batching",
-        choices=("packed", "padded"),
-        default="packed",
-        help="packed: windows of --block-size tokens cut anywhere (pairs: starting on an example). "
-        "padded: one whole example per row, right-padded, never two in a row (pairs only; the "
-        "paper's E2E setup)",
-    )
+    loop.add_argument("--batching", choices=("packed", "padded"), default="packed", help=batching_help)
     loop.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
     loop.add_argument("--block-size", type=int, default=256, help="tokens per sequence (the longest, when padded)")
     loop.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    loop.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes every weight of a pre-trained model",
-    )
-    loop.add_argument(
-        "--schedule",
-        choices=("cosine", "linear"),
-        default="cosine",
-        help="after the warmup: cosine decay to lr/10, or linear decay to 0 (the paper's E2E runs)",
-    )
+    lr_help = "peak learning rate; if unset, 1e-3, or 1e-4 when --rank 0 fine-tunes a pre-trained model"
+    loop.add_argument("--lr", type=float, help=lr_help)
+    schedule_help = "after the warmup: cosine decay to lr/10, or linear to 0 (the paper's E2E runs)"
+    loop.add_argument("--schedule", choices=("cosine", "linear"), default="cosine", help=schedule_help)
     loop.add_argument("--warmup-iters", type=int, default=100, help="steps of linear warmup from 0 to --lr")
     loop.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on matrices only")
     loop.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0: off)")
     loop.add_argument("--label-smoothing", type=float, default=0.0, help="of the cross-entropy (the paper's E2E: 0.1)")
-    loop.add_argument(
-        "--eval-interval", type=int, default=100, help="evaluate and write a checkpoint every this many steps"
-    )
+    loop.add_argument("--eval-interval", type=int, default=100, help="evaluate and write a checkpoint every N steps")
     loop.add_argument("--eval-iters", type=int, default=20, help="validation batches averaged per evaluation")
     loop.add_argument("--seed", type=int, default=1337, help="seeds the initialisation, the batches and dropout")
-    loop.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --run-dir from train_state.pt (the trained weights, optimizer, step and "
-        "random states)",
-    )
-    loop.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run in --run-dir: its files are deleted once every input has been checked",
-    )
+    resume_help = "continue the run in --run-dir from its train_state.pt (weights, optimizer, step, random states)"
+    loop.add_argument("--resume", action="store_true", help=resume_help)
+    overwrite_help = "replace the run in --run-dir: its files go once every input has been checked"
+    loop.add_argument("--overwrite", action="store_true", help=overwrite_help)
     system = parser.add_argument_group("hardware")
     add_hardware_flags(system, "the autocast dtype (LoRA keeps its frozen base in it when it has 16 bits)")
     system.add_argument(

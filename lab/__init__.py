@@ -1,1 +1,8 @@
 """The lab: experiments and measurements beside the core (paper baselines, §7 analysis, PEFT interop, E2E evaluation)."""
+
+import argparse
+
+
+def command_line(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m lab.<name>`: its --help prints the module's docstring as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

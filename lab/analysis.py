@@ -24,6 +24,9 @@ finds ΔW "amplifies" directions W already has but does not emphasise: ‖ΔW‖
 model.py; q, k and v are the three row blocks of the fused attn.c_attn.
 
 Adapted matrices are named q, k, v, o, and mlp.c_fc / mlp.c_proj (the two of the `mlp` target).
+
+    python -m lab.analysis similarity out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors
+    python -m lab.analysis amplification out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import sys
 
 import torch
 
+from lab import command_line
 from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, read_adapter
 from model import GPT, same_weights
 from utils import atomic_path
@@ -293,15 +297,7 @@ def run_amplification(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lab.analysis",
-        description="The LoRA paper's §7 on your own adapters: subspace similarity between two adapters "
-        "(Fig. 3/4) and how ΔW relates to W (Table 7).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  python -m lab.analysis similarity out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors\n"
-        "  python -m lab.analysis amplification out/e2e-r8/adapter.safetensors out/e2e-r64/adapter.safetensors",
-    )
+    parser = command_line("lab.analysis", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser(

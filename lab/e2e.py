@@ -14,7 +14,6 @@ blank line between contexts: the official script's format) and scores.json, then
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 import prepare_data
 import sample
+from lab import command_line
 from lab.beam_search import beam_search
 from lab.e2e_metrics import METRICS, group_pairs, score
 from lora import load_adapter, merge_lora
@@ -70,9 +70,7 @@ def table_row(name: str, scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(
-        prog="lab.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line("lab.e2e", __doc__)
     parser.add_argument("--run-dir", default="out", help="a train.py run folder (default: %(default)s)")
     parser.add_argument("--base", help="the base, if not the one the run names")
     parser.add_argument("--pairs", required=True, help="the split to decode: `context||target` lines (E2E test.txt)")

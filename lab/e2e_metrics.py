@@ -21,7 +21,6 @@ Inputs: one prediction a line; references grouped per instance, one a line, a bl
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -29,6 +28,8 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable
+
+from lab import command_line
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -220,15 +221,7 @@ def score(predictions: list[str], references: list[list[str]], java: bool = True
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lab.e2e_metrics",
-        description="Score E2E NLG outputs with BLEU, NIST, METEOR, ROUGE-L and CIDEr, as the challenge's official\n"
-        "measure_scores.py -p does. METEOR, ROUGE-L and CIDEr need Java and pycocoevalcap (pip install pycocoevalcap).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  python -m lab.e2e_metrics devel-conc.txt baseline-output.txt\n"
-        "  python -m lab.e2e_metrics --pairs data/e2e/test.txt predictions.txt",
-    )
+    parser = command_line("lab.e2e_metrics", __doc__)
     parser.add_argument(
         "references",
         metavar="REFERENCES",

@@ -13,7 +13,6 @@ each row of one unmerged batch its own adapter.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 import sample
+from lab import command_line
 from lora import (
     LoRALinear,
     adapter_key,
@@ -178,9 +178,7 @@ def generate_with_adapters(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lab.multi_adapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_line("lab.multi_adapter", __doc__)
     parser.add_argument(
         "--adapter",
         action="append",

@@ -28,11 +28,11 @@ and each module's scaling is folded into its B, so one α/r fits all.
 
     python -m lab.peft_interop export out/adapter.safetensors --out out/peft
     python -m lab.peft_interop import out/peft --base gpt2 --out out/from-peft.safetensors
+    then, in Python: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -43,6 +43,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import save_file
 
+from lab import command_line
 from lora import (
     TARGETS,
     LoRAConfig,
@@ -386,36 +387,16 @@ def check_out(path: str, folder: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lab.peft_interop",
-        description="Convert LoRA adapters between this project (adapter.safetensors) and Hugging Face PEFT "
-        "(a folder with adapter_config.json + adapter_model.safetensors for transformers' GPT-2). "
-        "Both directions are exact: the adapted model gives the same outputs.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  python -m lab.peft_interop export out/adapter.safetensors --out out/peft\n"
-        "  python -m lab.peft_interop import out/peft --out out/from-peft.safetensors   # base from adapter_config.json\n"
-        "then, in Python: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('gpt2'), 'out/peft')",
-    )
+    parser = command_line("lab.peft_interop", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser(
-        "export",
-        help="our adapter file -> a PEFT folder",
-        description="Write a PEFT LoRA folder from an adapter file of lora.py.",
+        "export", help="our adapter file -> a PEFT folder (a PEFT LoRA of transformers' GPT-2)"
     )
     export.add_argument("adapter", help="an adapter file written by lora.save_adapter / train.py")
     export.add_argument("--out", required=True, help="the PEFT folder to write (created if missing)")
-    to_ours = commands.add_parser(
-        "import",
-        help="a PEFT folder -> our adapter file",
-        description="Read a PEFT LoRA for GPT-2 and write it as an adapter file of lora.py.",
-    )
+    to_ours = commands.add_parser("import", help="a PEFT folder (a PEFT LoRA of GPT-2) -> our adapter file")
     to_ours.add_argument("folder", help="a PEFT folder: adapter_config.json + adapter_model.safetensors")
-    to_ours.add_argument(
-        "--base",
-        default=None,
-        help="gpt2, gpt2-medium, ... or a folder (default: the adapter_config's base_model_name_or_path)",
-    )
+    to_ours.add_argument("--base", help="gpt2, gpt2-medium, ... or a folder (default: the PEFT config's base model)")
     to_ours.add_argument("--out", required=True, help="the adapter file to write, e.g. adapter.safetensors")
     args = parser.parse_args(argv)
     try:

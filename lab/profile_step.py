@@ -9,7 +9,6 @@ torch.profiler's table over 3 more, sorted by the operators' own time. On a GPU 
 time into the GPU's own work ("Self CUDA time total") and the CPU's work of issuing it ("Self CPU").
 """
 
-import argparse
 import statistics
 import sys
 
@@ -17,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import build_model, parse_shapes, timed
+from lab import command_line
 from lora import LoRAConfig, apply_lora
 from train import freeze_base_in
 from utils import add_hardware_flags, autocast, describe_dtype, resolve_device, resolve_dtype
@@ -56,7 +56,7 @@ def profile_step(size: str, rank: int, shape: tuple[int, int], device: str, dtyp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lab.profile_step", description=__doc__.split("\n\n")[0])
+    parser = command_line("lab.profile_step", __doc__)
     parser.add_argument(
         "--size", help="gpt2, gpt2-medium, ... (random weights); default gpt2-medium on a GPU, gpt2 on a CPU"
     )

@@ -4,19 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lora
 from conftest import TINY
 from lab.multi_adapter import adapter_per_row, add_adapter, banked_layers, set_adapter
-from lora import (
-    LoRAConfig,
-    apply_lora,
-    load_adapter,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    read_adapter,
-    save_adapter,
-    unmerge_lora,
-)
 from model import GPT
 
 TARGETS = ("q", "v", "o", "mlp")  # fused and unfused layers, several parts per layer
@@ -26,7 +16,7 @@ def randomize_adapter(model: GPT, seed: int) -> None:
     """Give the active adapter random A and B (B starts at zero, and ΔW = 0 would prove nothing)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora_layers(model):
+        for layer in lora.lora_layers(model):
             for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
@@ -35,12 +25,12 @@ def randomize_adapter(model: GPT, seed: int) -> None:
 def two_adapter_files(tiny_model, tmp_path) -> tuple[GPT, list[str]]:
     """The tiny base (its weights kept as they are) and two adapter files trained on it."""
     base_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=TARGETS))
+    lora.apply_lora(tiny_model, lora.LoRAConfig(rank=2, alpha=4, targets=TARGETS))
     paths = []
     for seed, name in enumerate("ab"):
         randomize_adapter(tiny_model, seed)
         paths.append(str(tmp_path / f"{name}.safetensors"))
-        save_adapter(tiny_model, paths[-1])
+        lora.save_adapter(tiny_model, paths[-1])
     base = GPT(TINY).eval()
     base.load_state_dict(base_state)
     return base, paths
@@ -55,8 +45,8 @@ def base_only(state: dict[str, torch.Tensor]) -> GPT:
 def fresh_merged(W0: dict[str, torch.Tensor], path: str) -> GPT:
     """The base loaded anew, with one adapter loaded from its file and merged."""
     model = base_only(W0)
-    load_adapter(model, path)
-    merge_lora(model)
+    lora.load_adapter(model, path)
+    lora.merge_lora(model)
     return model
 
 
@@ -67,17 +57,17 @@ def test_switching_merged_adapters_a_b_a_equals_a_fresh_load_of_a(two_adapter_fi
     add_adapter(base, "a", a)
     add_adapter(base, "b", b)
     set_adapter(base, "a")
-    merge_lora(base)
+    lora.merge_lora(base)
     first_a, _ = base(idx)
     set_adapter(base, "b")  # unmerges a, merges b
-    assert all(layer.merged for layer in lora_layers(base))
+    assert all(layer.merged for layer in lora.lora_layers(base))
     assert (base(idx)[0] - fresh_merged(W0, b)(idx)[0]).abs().max().item() <= 1e-5
     set_adapter(base, "a")
     expected, _ = fresh_merged(W0, a)(idx)
     assert (base(idx)[0] - expected).abs().max().item() <= 1e-5
     assert (first_a - expected).abs().max().item() <= 1e-5
     assert (expected - fresh_merged(W0, b)(idx)[0]).abs().max().item() > 1e-2  # the two tasks differ
-    unmerge_lora(base)
+    lora.unmerge_lora(base)
     for key, value in W0.items():
         assert (base.state_dict()[key] - value).abs().max().item() <= 1e-6, key
 
@@ -94,7 +84,7 @@ def test_mixed_batch_equals_each_row_alone_with_its_adapter_merged(two_adapter_f
     for row, name in enumerate(rows):
         alone = base_only(W0) if name is None else fresh_merged(W0, {"a": a, "b": b}[name])
         assert (mixed[row] - alone(idx[row : row + 1])[0][0]).abs().max().item() <= 1e-5, row
-    assert all(layer.adapter_index is None for layer in lora_layers(base))  # the block cleaned up
+    assert all(layer.adapter_index is None for layer in lora.lora_layers(base))  # the block cleaned up
 
 
 def test_mixed_batch_generation_equals_merged_generation_per_adapter(two_adapter_files):
@@ -106,17 +96,17 @@ def test_mixed_batch_generation_equals_merged_generation_per_adapter(two_adapter
         mixed = base.generate(idx, 30, temperature=0)  # 35 tokens: past the 32-token window too
     for row, name in enumerate(["a", "b"]):
         set_adapter(base, name)
-        merge_lora(base)
+        lora.merge_lora(base)
         assert torch.equal(mixed[row], base.generate(idx[row : row + 1], 30, temperature=0)[0]), name
-        unmerge_lora(base)
+        lora.unmerge_lora(base)
 
 
 def test_a_banked_adapter_is_a_copy_that_later_loads_and_training_leave_alone(two_adapter_files, tmp_path):
     base, (a, b) = two_adapter_files
     W0 = {k: v.clone() for k, v in base.state_dict().items()}
-    load_adapter(base, a)
+    lora.load_adapter(base, a)
     add_adapter(base, "e2e")  # a copy of the active adapter, as after training
-    load_adapter(base, b)  # the active adapter changes: the banked copy must not
+    lora.load_adapter(base, b)  # the active adapter changes: the banked copy must not
     add_adapter(base, "shk")
     idx = torch.randint(0, TINY.vocab_size, (2, 10))
     with torch.no_grad(), adapter_per_row(base, ["e2e", "shk"]):
@@ -125,13 +115,13 @@ def test_a_banked_adapter_is_a_copy_that_later_loads_and_training_leave_alone(tw
         alone, _ = fresh_merged(W0, path)(idx[row : row + 1])
         assert (mixed[row] - alone[0]).abs().max() <= 1e-5, path
     set_adapter(base, "e2e")
-    expected, _ = read_adapter(a)
-    for key, tensor in lora_state_dict(base).items():
+    expected, _ = lora.read_adapter(a)
+    for key, tensor in lora.lora_state_dict(base).items():
         assert torch.equal(tensor, expected[key]), key
 
 
 def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alone(tiny_model):
-    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=("q", "v")))
+    lora.apply_lora(tiny_model, lora.LoRAConfig(rank=2, alpha=4, targets=("q", "v")))
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_adapter(tiny_model, seed)
         add_adapter(tiny_model, name)  # a copy of the active adapter
@@ -154,13 +144,13 @@ def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alon
         assert (grad[2] - grad_c[2]).abs().max() <= 1e-5 and grad_c[2].abs().max() > 0  # c: row 0's alone
         assert (grad[0] - grad_a[0]).abs().max() <= 1e-5 and grad_a[0].abs().max() > 0  # a: row 2's alone
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))  # b, not in the batch
-    assert all(layer.lora_A["q"].grad is None for layer in lora_layers(tiny_model))  # nor the active one
+    assert all(layer.lora_A["q"].grad is None for layer in lora.lora_layers(tiny_model))  # nor the active one
     assert tiny_model.transformer.wte.weight.grad is None
 
 
 def test_adapter_mistakes_are_clear_errors(two_adapter_files):
     base, (a, _) = two_adapter_files
-    other = apply_lora(base_only(base.state_dict()), LoRAConfig(rank=4, targets=TARGETS))
+    other = lora.apply_lora(base_only(base.state_dict()), lora.LoRAConfig(rank=4, targets=TARGETS))
     with pytest.raises(ValueError, match=r"has LoRA LoRAConfig\(rank=2,"):
         add_adapter(other, "a", a)
     with pytest.raises(ValueError, match="no LoRA layers"):
@@ -173,7 +163,7 @@ def test_adapter_mistakes_are_clear_errors(two_adapter_files):
     with pytest.raises(ValueError, match="a batch of 2 rows but 3 adapter choices"):
         with adapter_per_row(base, ["a", "a", None]):
             base(torch.zeros(2, 4, dtype=torch.long))
-    merge_lora(base)
+    lora.merge_lora(base)
     with pytest.raises(ValueError, match="run unmerged"):
         with adapter_per_row(base, ["a"]):
             pass
