@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
@@ -197,27 +198,33 @@ FULL = "full FT"
 
 @dataclass(frozen=True)
 class TrainingRun:
+    key: str  # its name for --train-runs
     what: str
     library: str  # "ours" (model.py + lora.py) or "hf" (transformers' GPT2LMHeadModel, + PEFT for LoRA)
     targets: tuple[str, ...] = ()  # lora.py's target names; none = full fine-tuning
     loss_share: float = 1.0  # the last share of each row takes a loss, as the targets of context→target pairs
+    whole_logits: bool = False  # the plain loss, F.cross_entropy on every position's logits, not chunked
 
 
-def training_runs(peers: bool) -> list[TrainingRun]:
-    runs = [
-        TrainingRun(FULL, "ours"),
-        TrainingRun(f"LoRA r={LORA_RANK} q,v", "ours", ("q", "v")),
-        # pairs (E2E): no vocabulary projection where no loss is taken; E2E's targets are ~45% of its tokens
-        TrainingRun(f"LoRA r={LORA_RANK} q,v, loss on half", "ours", ("q", "v"), loss_share=0.5),
-        TrainingRun(f"LoRA r={LORA_RANK} all", "ours", tuple(TARGETS)),
-    ]
-    if peers:
-        runs += [
-            TrainingRun("HF full FT", "hf"),
-            TrainingRun(f"HF+PEFT LoRA r={LORA_RANK} c_attn", "hf", ("q", "v")),
-            TrainingRun(f"HF+PEFT LoRA r={LORA_RANK} all", "hf", tuple(TARGETS)),
-        ]
-    return runs
+TRAINING_RUNS = [
+    TrainingRun("full", FULL, "ours"),
+    TrainingRun("lora-qv", f"LoRA r={LORA_RANK} q,v", "ours", ("q", "v")),
+    # what model.chunked_cross_entropy saves: the same step with the (B·T, vocab) logits held whole
+    TrainingRun("lora-qv-logits", f"LoRA r={LORA_RANK} q,v, whole-batch logits", "ours", ("q", "v"), whole_logits=True),
+    # pairs (E2E): no vocabulary projection where no loss is taken; E2E's targets are ~45% of its tokens
+    TrainingRun("lora-qv-half", f"LoRA r={LORA_RANK} q,v, loss on half", "ours", ("q", "v"), loss_share=0.5),
+    TrainingRun("lora-all", f"LoRA r={LORA_RANK} all", "ours", tuple(TARGETS)),
+    TrainingRun("hf-full", "HF full FT", "hf"),
+    TrainingRun("peft-qv", f"HF+PEFT LoRA r={LORA_RANK} c_attn", "hf", ("q", "v")),
+    TrainingRun("peft-all", f"HF+PEFT LoRA r={LORA_RANK} all", "hf", tuple(TARGETS)),
+]
+
+
+def training_runs(peers: bool, keys: list[str] | None = None) -> list[TrainingRun]:
+    """The runs named by --train-runs; else ours, and the peers' with --peers."""
+    if keys:
+        return [run for run in TRAINING_RUNS if run.key in keys]
+    return [run for run in TRAINING_RUNS if peers or run.library == "ours"]
 
 
 def our_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
@@ -237,6 +244,9 @@ def our_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
     def loss_of(x: torch.Tensor) -> torch.Tensor:  # targets = inputs: only the loss's cost matters here
         targets = x.clone()
         targets[:, : round(x.size(1) * (1 - run.loss_share))] = -1  # the context: no loss, no logits
+        if run.whole_logits:
+            logits, _ = model(x)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return model(x, targets)[1]
 
     return model, loss_of, save
@@ -344,7 +354,7 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
         torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
     peak = matmul_peak(args.device, dtype, args.trials)
     rows = []
-    for run in tqdm(training_runs(args.peers), desc="training", leave=False):
+    for run in tqdm(training_runs(args.peers, args.train_runs), desc="training", leave=False):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             measured = pool.submit(
                 measure_training, run, args.size, args.train_shape, args.device, args.dtype, args.warmup, args.trials
@@ -587,6 +597,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peers", action="store_true", help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA"
     )
+    keys = ", ".join(run.key for run in TRAINING_RUNS)
+    parser.add_argument("--train-runs", help=f"only these training rows, comma-separated, of: {keys}")
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
     parser.add_argument("--mixed", help="adapters x prompt tokens + new tokens for the mixed-adapter table: 4x16+16")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
@@ -606,6 +618,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     resolve_dtype(args.device, args.dtype)  # refuses an unknown dtype now, not after minutes of work
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
     args.mixed = parse_mixed(args.mixed)
+    if args.train_runs is not None:
+        args.train_runs = [key.strip() for key in args.train_runs.split(",")]
+        unknown = [key for key in args.train_runs if key not in {run.key for run in TRAINING_RUNS}]
+        if unknown or not args.train_runs:
+            raise ValueError(f"unknown --train-runs '{', '.join(unknown)}': choose from {keys}")
     args.device_name = describe_device(args.device)
     return args
 

@@ -86,7 +86,8 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"]]
+    "argv",
+    [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"], ["--train-runs", "lora"]],
 )
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):
@@ -99,7 +100,7 @@ def test_peft_peer_has_our_parameter_count(tmp_path, one_thread):
     pytest.importorskip("peft")
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
-    ours, peft_run = (r for r in bench.training_runs(peers=True) if r.targets == ("q", "v") and r.loss_share == 1)
+    ours, peft_run = bench.training_runs(peers=True, keys=["lora-qv", "peft-qv"])
     measured = {
         run.library: bench.measure_training(run, str(tmp_path / "tiny"), (2, 8), "cpu", "float32", warmup=0, trials=1)
         for run in (ours, peft_run)
