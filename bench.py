@@ -335,10 +335,9 @@ UNITS = {
 }
 
 
-def matmul_peak(device: str, dtype: torch.dtype, trials: int) -> float:
+def matmul_peak(device: str, dtype: torch.dtype, n: int, trials: int) -> float:
     """The FLOP/s of this device's best case, a large square matmul in `dtype` (median of trials):
     the limit a training step's model FLOP/s is measured against."""
-    n = 4096 if device.startswith("cuda") else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
@@ -352,7 +351,8 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     dtype = resolve_dtype(args.device, args.dtype)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
-    peak = matmul_peak(args.device, dtype, args.trials)
+    n = 4096 if args.device.startswith("cuda") else 2048
+    peak = matmul_peak(args.device, dtype, n, args.trials)
     rows = []
     for run in tqdm(training_runs(args.peers, args.train_runs), desc="training", leave=False):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -362,7 +362,18 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
         measured["of matmul peak"] = [100 * flops / peak for flops in measured["model FLOP/s"]]
         for metric, values in measured.items():
             rows.append(
-                row(args, "training", run.what, metric, UNITS[metric], values, FULL, shape=shape, matmul_peak=peak)
+                row(
+                    args,
+                    "training",
+                    run.what,
+                    metric,
+                    UNITS[metric],
+                    values,
+                    FULL,
+                    shape=shape,
+                    matmul_peak=peak,
+                    matmul_size=n,
+                )
             )
     return rows
 
@@ -471,7 +482,7 @@ def training_table(rows: list[dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     peak = rows[0]["matmul_peak"]
     lines.append(
-        f"\nmatmul peak: {human(peak, 'FLOP/s')} (a 2048² or 4096² matmul in {rows[0]['dtype']}); model FLOP/s "
+        f"\nmatmul peak: {human(peak, 'FLOP/s')} (a {rows[0]['matmul_size']}² matmul in {rows[0]['dtype']}); model FLOP/s "
         "counts 4·N a token for LoRA (forward, activations' gradients), 6·N for full fine-tuning"
     )
     lora = f"LoRA r={LORA_RANK} q,v"

@@ -1,7 +1,7 @@
 """GPT-2 in one file: the model, and loading/saving OpenAI's weights in the Hugging Face layout.
 
 Reads top to bottom: LayerNorm'd blocks of causal self-attention and an MLP, the config, the
-model, then checkpoint I/O. Module names match Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.
+model, its loss computed in chunks, generation, then checkpoint I/O. Module names match Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.
 c_attn`, ...) so a checkpoint maps onto it name for name. Shapes: B batch, T time, C n_embd,
 nh heads, hs head size (C // nh).
 """
@@ -250,10 +250,10 @@ class GPT(nn.Module):
 # ---- the loss, without ever holding the logits of every target at once ----------------------------
 #
 # F.cross_entropy(lm_head(x).float(), targets) is the plain way. At GPT-2's vocabulary it holds (n_targets,
-# 50,257) logits in fp32 several times over (the logits, their softmax, the gradient): 206 MB each for
-# a 4x256 batch, more than LoRA's whole activations. The same loss and gradients, one chunk of rows at
-# a time: the loss is a scalar, so each chunk's gradient is known in the forward pass; it is kept
-# (n_targets x C, small) and the chunk's logits are dropped. bench.py's training rows measure it.
+# 50,257) logits in fp32 several times over until the backward pass (the logits, their log-softmax, the
+# gradient): 206 MB each for a 4x256 batch. Here the same loss and gradients come one chunk of rows at a
+# time: the loss is a scalar, so each chunk's gradient is known in the forward pass; it is kept (n_targets
+# x C, small) and the chunk's logits are dropped. bench.py's "whole-batch logits" row measures the saving.
 
 LOSS_CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 50,257 in fp32 is 51 MB
 
