@@ -617,7 +617,7 @@ def train(args: argparse.Namespace) -> GPT:
         what = f"LoRA r={config.rank} on {','.join(config.targets)}" if config else "full fine-tuning"
         print(f"{args.base} + {what}: {parameter_summary(raw_model)}")
         base_in = f", frozen base in {str(dtype).removeprefix('torch.')}" if config and dtype != torch.float32 else ""
-        print(f"precision: {describe_dtype(device, args.dtype)} autocast{base_in}")
+        print(f"precision: autocast {describe_dtype(device, args.dtype)}{base_in}")
     optimizer = make_optimizer(raw_model, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # fp16 needs loss scaling
 

@@ -443,7 +443,7 @@ def test_the_papers_e2e_recipe_runs_by_epochs_with_a_linear_schedule_and_label_s
     assert [train.learning_rate(s, args) for s in (0, 1, 2, 5)] == pytest.approx([5e-3, 1e-2, 1e-2, 0.0])
 
 
-def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_path, char_data):
+def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_path, char_data, capsys):
     """--dtype bfloat16 stores LoRA's frozen base in bf16 (A, B and AdamW's state stay fp32): its loss curve
     is the fp32 run's within bf16 noise, and each run's adapter loads onto the other's base."""
     base = str(tmp_path / "base")
@@ -456,6 +456,8 @@ def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_p
         model = train.main(
             [*lora_run, "--eval-interval", "10", "--dtype", dtype, "--data", char_data, "--run-dir", runs[dtype]]
         )
+        said = {"float32": "precision: autocast float32\n", "bfloat16": "autocast bfloat16, frozen base in bfloat16\n"}
+        assert said[dtype] in capsys.readouterr().out
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
         trained = {p.dtype for p in model.parameters() if p.requires_grad}
         assert (frozen, trained) == ({getattr(torch, dtype)}, {torch.float32})
