@@ -204,6 +204,7 @@ class TrainingRun:
     targets: tuple[str, ...] = ()  # lora.py's target names; none = full fine-tuning
     loss_share: float = 1.0  # the last share of each row takes a loss, as the targets of context→target pairs
     whole_logits: bool = False  # the plain loss, F.cross_entropy on every position's logits, not chunked
+    checkpointing: bool = False  # activation checkpointing: each block recomputed in the backward pass
 
 
 TRAINING_RUNS = [
@@ -213,6 +214,9 @@ TRAINING_RUNS = [
     TrainingRun("lora-qv-logits", f"LoRA r={LORA_RANK} q,v, whole-batch logits", "ours", ("q", "v"), whole_logits=True),
     # pairs (E2E): no vocabulary projection where no loss is taken; E2E's targets are ~45% of its tokens
     TrainingRun("lora-qv-half", f"LoRA r={LORA_RANK} q,v, loss on half", "ours", ("q", "v"), loss_share=0.5),
+    TrainingRun(
+        "lora-qv-ckpt", f"LoRA r={LORA_RANK} q,v, activation checkpointing", "ours", ("q", "v"), checkpointing=True
+    ),
     TrainingRun("lora-all", f"LoRA r={LORA_RANK} all", "ours", tuple(TARGETS)),
     TrainingRun("hf-full", "HF full FT", "hf"),
     TrainingRun("peft-qv", f"HF+PEFT LoRA r={LORA_RANK} c_attn", "hf", ("q", "v")),
@@ -231,6 +235,7 @@ def our_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
     """(model, loss of a batch, save a checkpoint into a folder) for model.py + lora.py; as train.py
     does, LoRA's frozen base is stored in the autocast dtype when that is a 16-bit one."""
     model = build_model(size, device)
+    model.activation_checkpointing = run.checkpointing
     if run.targets:
         apply_lora(model, LoRAConfig(LORA_RANK, targets=run.targets))
         if dtype != torch.float32:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from utils import atomic_path
 
@@ -121,6 +122,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.name_or_path = "scratch"  # where the weights came from; adapters record it
+        # recompute each block's activations in the backward pass instead of keeping them: training memory
+        # for about one more forward pass of arithmetic (bench.py's "activation checkpointing" row)
+        self.activation_checkpointing = False
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -176,7 +180,10 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_caches is None else kv_caches[i])
+            if self.activation_checkpointing and torch.is_grad_enabled() and kv_caches is None:
+                x = checkpoint(block, x, use_reentrant=False)  # keeps x alone; the same dropout when recomputed
+            else:
+                x = block(x, None if kv_caches is None else kv_caches[i])
         return self.transformer.ln_f(x)
 
     # ---- generation ------------------------------------------------------------------------------

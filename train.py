@@ -95,9 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loop.add_argument("--overwrite", action="store_true", help=overwrite_help)
     system = parser.add_argument_group("hardware")
     add_hardware_flags(system, "the autocast dtype (LoRA keeps its frozen base in it when it has 16 bits)")
-    system.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)"
-    )
+    system.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU, once warm)")
+    checkpointing_help = "recompute each block's activations in the backward pass: less memory, more compute"
+    system.add_argument("--activation-checkpointing", action="store_true", help=checkpointing_help)
     args = parser.parse_args(argv)
     given = [
         flag
@@ -609,6 +609,7 @@ def train(args: argparse.Namespace) -> GPT:
     # -- model: base, LoRA (freezes the base), device, optimizer
     torch.manual_seed(args.seed)
     raw_model = build_model(args.base, args, meta["vocab_size"], config).to(device)
+    raw_model.activation_checkpointing = args.activation_checkpointing
     if config and dtype != torch.float32:
         freeze_base_in(raw_model, dtype)  # the paper's setup: W0 in 16 bits, A and B (and AdamW's state) in fp32
     for split, name in ((train_split, "train"), (val_split, "val")):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,3 +133,20 @@ def test_chunked_loss_under_bf16_autocast_is_the_plain_one_within_bf16_rounding(
     assert loss.dtype == torch.float32 and abs(loss.item() - plain.item()) < 1e-2
     loss.backward()
     assert tiny_model.transformer.wte.weight.grad.dtype == torch.float32
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Each block recomputed in the backward pass, dropout included, gives what keeping its activations gives."""
+    torch.manual_seed(0)
+    tiny = GPT(replace(TINY, dropout=0.1)).train()
+    idx, targets = torch.randint(0, TINY.vocab_size, (2, 12)), torch.randint(0, TINY.vocab_size, (2, 12))
+    results = {}
+    for checkpointing in (False, True):
+        tiny.activation_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        _, loss = tiny(idx, targets)
+        results[checkpointing] = loss.item(), torch.autograd.grad(loss, list(tiny.parameters()))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results[False], results[True]
+    assert loss == loss_checkpointed
+    for grad, grad_checkpointed in zip(grads, grads_checkpointed):
+        assert torch.allclose(grad, grad_checkpointed, atol=1e-6)
