@@ -1,9 +1,9 @@
 """GPT-2 in one file: the model, and loading/saving OpenAI's weights in the Hugging Face layout.
 
 Reads top to bottom: LayerNorm'd blocks of causal self-attention and an MLP, the config, the
-model, its loss computed in chunks, generation, then checkpoint I/O. Module names match Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.
-c_attn`, ...) so a checkpoint maps onto it name for name. Shapes: B batch, T time, C n_embd,
-nh heads, hs head size (C // nh).
+model, its loss computed in chunks, generation, then checkpoint I/O. Module names match Hugging
+Face's GPT2LMHeadModel (`transformer.h.0.attn.c_attn`, ...) so a checkpoint maps onto it name for
+name. Shapes: B batch, T time, C n_embd, nh heads, hs head size (C // nh).
 """
 
 from __future__ import annotations
