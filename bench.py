@@ -137,10 +137,12 @@ def row(
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """ratio = median / the median of the row's reference (same table, metric and shape)."""
+    """ratio = median / the median of the row's reference (same table, metric and shape); None when the
+    reference was not measured (--train-runs without full)."""
     reference = {(r["table"], r["metric"], r["shape"]): r["median"] for r in rows if r["what"] == r["reference"]}
     for r in rows:
-        r["ratio"] = r["median"] / reference[(r["table"], r["metric"], r["shape"])]
+        key = (r["table"], r["metric"], r["shape"])
+        r["ratio"] = r["median"] / reference[key] if key in reference else None
     return rows
 
 
@@ -487,7 +489,8 @@ def training_table(rows: list[dict]) -> str:
     lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name in names:
         out = [human(cells[name, m]["median"], UNITS[m]) for m in metrics]
-        out = [f"{v} (×{cells[name, m]['ratio']:.3g})" if m != "of matmul peak" else v for v, m in zip(out, metrics)]
+        ratios = [cells[name, m]["ratio"] if m != "of matmul peak" else None for m in metrics]
+        out = [f"{v} (×{ratio:.3g})" if ratio is not None else v for v, ratio in zip(out, ratios)]
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     peak = rows[0]["matmul_peak"]
     lines.append(
@@ -495,7 +498,7 @@ def training_table(rows: list[dict]) -> str:
         "counts 4·N a token for LoRA (forward, activations' gradients), 6·N for full fine-tuning"
     )
     lora = f"LoRA r={LORA_RANK} q,v"
-    if (lora, "checkpoint") in cells:
+    if (lora, "checkpoint") in cells and (FULL, "checkpoint") in cells:
         memory, checkpoint, speed = (cells[lora, m]["ratio"] for m in ("peak memory", "checkpoint", "tokens/s"))
         lines.append(
             f"\n{lora} vs full fine-tuning: peak memory ÷{1 / memory:.3g} (paper, GPT-3 175B: "
@@ -557,7 +560,8 @@ def chart(rows: list[dict], path: str) -> bool:
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
             values = [
-                next((r["ratio"] for r in table_rows if r["what"] == name and g in (r["shape"], r["metric"])), math.nan)
+                next((r["ratio"] for r in table_rows if r["what"] == name and g in (r["shape"], r["metric"])), None)
+                or math.nan
                 for g in groups
             ]
             ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)

@@ -107,3 +107,13 @@ def test_peft_peer_has_our_parameter_count(tmp_path, one_thread):
     }
     assert measured["hf"]["trainable params"] == measured["ours"]["trainable params"] == [512]
     assert 0 < measured["hf"]["checkpoint"][0] < 37_000  # the adapter, not the model
+
+
+def test_training_rows_without_their_reference_have_no_ratio(tmp_path, one_thread, capsys):
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--train-shape", "2x8", "--trials", "1"]
+    rows = bench.main([*argv, "--skip-inference", "--skip-mixed", "--train-runs", "lora-qv", "--out", str(tmp_path)])
+    assert {r["what"] for r in rows} == {"LoRA r=4 q,v"} and all(r["ratio"] is None for r in rows)
+    printed = capsys.readouterr().out
+    assert "| LoRA r=4 q,v |" in printed and "(×" not in printed  # no ratio to a reference that did not run
