@@ -6,15 +6,18 @@ The paper claims (Hu et al., 2021):
 - §4.2 "Practical Benefits": on GPT-3 175B, LoRA cuts training memory from 1.2 TB to 350 GB (3×),
   the checkpoint from 350 GB to 35 MB (10,000×), and trains 25% faster.
 
-Two tables measure them, each row against its reference:
+Three tables measure them, each row against its reference:
 - inference: one forward pass without gradients, per (batch, seq) shape, for the base model
   (= a fully fine-tuned model), merged LoRA, unmerged LoRA, and the adapter baselines Adapter^H and
   Adapter^L (lab/adapter_baselines.py);
   median, min and max over trials after a warm-up; the reference is the base.
 - training: full fine-tuning vs LoRA (r=4 on q,v; r=4 on every target) on one batch of random
-  tokens: trainable parameters, optimizer state, peak memory, step time, tokens/s and checkpoint
-  size; each configuration in a fresh process, so peak memory is its own; the reference is full
-  fine-tuning. `--peers` adds Hugging Face GPT-2 with full fine-tuning and with PEFT's LoRA.
+  tokens: trainable parameters, optimizer state, peak memory, step time, tokens/s, model FLOP/s and
+  its share of the measured matmul peak, and checkpoint size; each configuration in a fresh process,
+  so peak memory is its own; the reference is full fine-tuning. `--peers` adds Hugging Face GPT-2
+  with full fine-tuning and with PEFT's LoRA.
+- mixed adapters: several adapters in one batch (lab/multi_adapter.py) against the same batch with
+  one adapter merged, the ceiling.
 
 Weights are random (latency and memory do not depend on their values) unless --size is a folder.
 Writes OUT/results.json (one row per measurement), prints markdown tables, and draws OUT/bench.png
