@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         contexts, references = contexts[: args.limit], references[: args.limit]
         out = args.out or os.path.join(args.run_dir, f"e2e-{os.path.splitext(os.path.basename(args.pairs))[0]}")
         device = resolve_device(args.device)
+        dtype = resolve_dtype(device, args.dtype)  # checked before the model loads
         model, name = load_run(args.run_dir, args.base)
         model.to(device).eval()
         print(f"{name}: {len(contexts)} contexts, {sum(map(len, references))} references from {args.pairs}")
         started = time.time()
-        with autocast(device, resolve_dtype(device, args.dtype)):
+        with autocast(device, dtype):
             predictions = decode(
                 model,
                 contexts,

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
+        dtype = resolve_dtype(device, args.dtype)  # checked before the model loads
         model = sample.load_base(args.base or read_adapter(args.adapter[0])[1]["base"])
         for path in dict.fromkeys(args.adapter):  # named by their paths; each checked against the base
             add_adapter(model, path, path)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} for {len(args.adapter)} adapters")
         texts = texts * len(args.adapter) if len(texts) == 1 else texts
         encoding, prompts = sample.encode_prompts(model, texts)
-        with autocast(device, resolve_dtype(device, args.dtype)):
+        with autocast(device, dtype):
             outputs = generate_with_adapters(
                 model, prompts, args.adapter, args.merge, args.max_new_tokens, temperature=args.temperature
             )
