@@ -479,3 +479,17 @@ def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_p
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=base_dtype == torch.bfloat16):
             losses[adapter_of] = model.eval()(x, y)[1].item()
     assert abs(losses["bfloat16"] - losses["float32"]) < 0.01, losses
+
+
+def test_activation_checkpointing_trains_the_same_adapter(tmp_path, char_data, base_folder):
+    """--activation-checkpointing only trades memory for compute: the same losses and the same adapter."""
+    run = ["--base", base_folder, "--rank", "4", "--lora-dropout", "0.1", *TINY_RUN, "--max-iters", "4"]
+    outs = {False: str(tmp_path / "plain"), True: str(tmp_path / "checkpointed")}
+    for checkpointing, out in outs.items():
+        flags = ["--activation-checkpointing"] if checkpointing else []
+        model = train.main([*run, *flags, "--data", char_data, "--run-dir", out])
+        assert model.activation_checkpointing is checkpointing
+    logs = [read_log(out) for out in outs.values()]
+    assert [r.get("train_loss") for r in logs[0]] == pytest.approx([r.get("train_loss") for r in logs[1]], abs=1e-6)
+    adapters = [load_file(os.path.join(out, "adapter.safetensors")) for out in outs.values()]
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[0])
