@@ -243,8 +243,7 @@ def our_setup(run: TrainingRun, size: str, device: str, dtype: torch.dtype):
     model.activation_checkpointing = run.checkpointing
     if run.targets:
         apply_lora(model, LoRAConfig(LORA_RANK, targets=run.targets))
-        if dtype != torch.float32:
-            freeze_base_in(model, dtype)
+        freeze_base_in(model, dtype)
 
         def save(folder):
             save_adapter(model, os.path.join(folder, "adapter.safetensors"))

@@ -272,7 +272,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows; matmuls in `dtype`, softmax in fp32."""
         n, vocab = x.size(0), weight.size(0)
         W = weight.to(dtype)  # once, not once per chunk
-        grad_x, grad_W = [], torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        weight_grad = needs_grad and weight.requires_grad  # not under no_grad: evaluate() of full fine-tuning
+        grad_x, grad_W = [], torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
         loss = torch.zeros((), device=x.device)
         for x_c, y_c in zip(x.tensor_split(n_chunks), targets.tensor_split(n_chunks)):
             x_c = x_c.to(dtype)

@@ -512,7 +512,8 @@ def build_model(base: str, args: argparse.Namespace, vocab_size: int, config: Lo
 
 def freeze_base_in(model: GPT, dtype: torch.dtype) -> None:
     """LoRA's frozen base in `dtype` (16 bits, under autocast in it), A and B in fp32: §4.2's 350 GB is GPT-3's
-    175B frozen weights in 16 bits. Half the memory, and no fp32 weight for autocast to cast every step."""
+    175B frozen weights in 16 bits. Half the memory, and no fp32 weight for autocast to cast every step.
+    With float32 nothing changes."""
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
 
@@ -610,8 +611,8 @@ def train(args: argparse.Namespace) -> GPT:
     torch.manual_seed(args.seed)
     raw_model = build_model(args.base, args, meta["vocab_size"], config).to(device)
     raw_model.activation_checkpointing = args.activation_checkpointing
-    if config and dtype != torch.float32:
-        freeze_base_in(raw_model, dtype)  # the paper's setup: W0 in 16 bits, A and B (and AdamW's state) in fp32
+    if config:
+        freeze_base_in(raw_model, dtype)  # the paper's setup: W0 in the autocast dtype, A and B (and AdamW's) in fp32
     for split, name in ((train_split, "train"), (val_split, "val")):
         check_token_ids(split, os.path.join(args.data, f"{name}.bin"), raw_model.config.vocab_size)
     if is_main:

@@ -27,8 +27,7 @@ def profile_step(size: str, rank: int, shape: tuple[int, int], device: str, dtyp
     model = build_model(size, device)
     if rank:
         apply_lora(model, LoRAConfig(rank))
-        if dtype != torch.float32:
-            freeze_base_in(model, dtype)
+        freeze_base_in(model, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
     x = torch.randint(model.config.vocab_size, shape, device=device)
