@@ -16,8 +16,7 @@ Three tables measure them, each row against its reference:
   its share of the measured matmul peak, and checkpoint size; each configuration in a fresh process,
   so peak memory is its own; the reference is full fine-tuning. `--peers` adds Hugging Face GPT-2
   with full fine-tuning and with PEFT's LoRA.
-- mixed adapters: several adapters in one batch (lab/multi_adapter.py) against the same batch with
-  one adapter merged, the ceiling.
+Several adapters in one batch are the lab's (lab/multi_adapter.py), measured by `python -m lab.bench_mixed`.
 
 Weights are random (latency and memory do not depend on their values) unless --size is a folder.
 Writes OUT/results.json (one row per measurement), prints markdown tables, and draws OUT/bench.png
@@ -49,8 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
-from lab.multi_adapter import add_adapter, generate_with_adapters
-from lora import TARGETS, LoRAConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from lora import TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from model import GPT, PRETRAINED, hf_config
 from train import freeze_base_in
 from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype
@@ -68,10 +66,8 @@ PAPER_TRAINING = {"peak memory": 1.2e12 / 350e9, "checkpoint": 350e9 / 35e6, "to
 
 # Defaults per device: a CPU run finishes in a few minutes on 2 cores; on a GPU, the paper's shapes.
 DEFAULTS = {
-    "cpu": dict(size="gpt2", shapes="1x128,4x256", train_shape="2x128", mixed="4x16+16", trials=5, warmup=1),
-    "cuda": dict(
-        size="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", mixed="8x16+32", trials=20, warmup=5
-    ),
+    "cpu": dict(size="gpt2", shapes="1x128,4x256", train_shape="2x128", trials=5, warmup=1),
+    "cuda": dict(size="gpt2-medium", shapes="32x512,16x256,1x128", train_shape="8x512", trials=20, warmup=5),
 }
 
 
@@ -391,52 +387,6 @@ def training_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-# ---- several adapters in one batch: past the limitation the paper names in §4.2 --------------------
-
-MERGED_PER_ADAPTER = "one merged pass per adapter"
-ONE_MERGED = "the same batch, one adapter merged (the ceiling)"
-MIXED_TRIALS = 3  # each trial is a whole generation, long enough to average out by itself
-
-
-def mixed_adapter_rows(args: argparse.Namespace) -> list[dict]:
-    """N adapters × one prompt each, greedy generation (sample.py's path): tokens/s of one unmerged
-    batch in which every row runs its own adapter (adapter_per_row), and of serving merged weights
-    one adapter after another, merge and unmerge timed too (they are the cost of switching tasks),
-    against the ceiling: the same batch with one adapter merged, the base model's speed. Random
-    q,v adapters: the speed does not depend on their values."""
-    n_adapters, prompt_length, new_tokens = args.mixed
-    device, dtype = args.device, resolve_dtype(args.device, args.dtype)
-    torch.manual_seed(0)
-    model = apply_lora(build_model(args.size, device), LoRAConfig(LORA_RANK)).eval()
-    names = [f"adapter{i}" for i in range(n_adapters)]
-    for name in names:
-        with torch.no_grad():
-            for layer in lora_layers(model):
-                for B in layer.lora_B.values():
-                    B.normal_(0, 0.02)
-        add_adapter(model, name)
-    prompts = torch.randint(model.config.vocab_size, (n_adapters, prompt_length)).tolist()
-    ways = {  # (the adapter of each row, merged)
-        ONE_MERGED: ([names[0]] * n_adapters, True),
-        "one mixed batch": (names, False),
-        MERGED_PER_ADAPTER: (names, True),
-    }
-    seconds = {what: [] for what in ways}
-    with autocast(device, dtype):
-        for adapters, merge in ways.values():  # warm-up
-            generate_with_adapters(model, prompts, adapters, merge, 2, temperature=0)
-        for _ in tqdm(range(MIXED_TRIALS), desc="mixed adapters", leave=False):
-            for what, (adapters, merge) in ways.items():
-                run = lambda: generate_with_adapters(model, prompts, adapters, merge, new_tokens, temperature=0)  # noqa: E731
-                seconds[what].append(timed(run, device))
-    shape = f"{n_adapters}x{prompt_length}+{new_tokens}"
-    tokens_per_s = {what: [n_adapters * new_tokens / s for s in seconds[what]] for what in ways}
-    return [
-        row(args, "mixed adapters", what, "tokens/s", "tokens/s", tokens_per_s[what], ONE_MERGED, shape=shape)
-        for what in ways
-    ]
-
-
 # ---- output: markdown tables, results.json, chart ---------------------------------------------------
 
 
@@ -514,21 +464,10 @@ def training_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def throughput_table(rows: list[dict]) -> str:
-    """One row a way of serving: tokens/s median [min–max] and its ratio to the reference."""
-    lines = ["| | tokens/s |", "|---|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['what']} | {number(r['median'])} [{number(r['min'])}–{number(r['max'])}] (×{r['ratio']:.3g}) |"
-        )
-    return "\n".join(lines)
-
-
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], formats: dict[str, Callable[[list[dict]], str]] | None = None) -> str:
     """Every table of `rows`, each with the model, shape(s), device and dtype it was measured on."""
-    formats = {"inference": latency_table, "training": training_table, "mixed adapters": throughput_table}
     parts = []
-    for table, format_table in formats.items():
+    for table, format_table in (formats or {"inference": latency_table, "training": training_table}).items():
         table_rows = [r for r in rows if r["table"] == table]
         if table_rows:
             r = table_rows[0]
@@ -537,6 +476,13 @@ def markdown(rows: list[dict]) -> str:
                 f"### {table}: {r['model']}, {shapes}, {r['device']}, {r['dtype']}\n\n{format_table(table_rows)}"
             )
     return "\n\n".join(parts)
+
+
+def write_results(rows: list[dict], path: str, command: str) -> None:
+    """A JSON file of every row, with the command that measured them and torch's version."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(dict(command=command, torch=torch.__version__, rows=rows), f, indent=1)
 
 
 def chart(rows: list[dict], path: str) -> bool:
@@ -593,13 +539,24 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def parse_mixed(text: str) -> tuple[int, int, int]:
-    """'4x16+16' -> (4 adapters, 16 prompt tokens, 16 new tokens)."""
-    shape, _, new_tokens = text.partition("+")
-    ((n_adapters, prompt_length),) = parse_shapes(shape)
-    if not new_tokens.isdigit() or int(new_tokens) < 1:
-        raise ValueError(f"bad --mixed '{text}': write adapters x prompt tokens + new tokens, like 4x16+16")
-    return n_adapters, prompt_length, int(new_tokens)
+def add_model_flags(parser: argparse.ArgumentParser, dtype_use: str) -> None:
+    """--size, --device and --dtype, as bench.py and the lab's benchmarks read them."""
+    size_help = "the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with random weights (no download), or a checkpoint folder"
+    parser.add_argument("--size", help=size_help)
+    add_hardware_flags(parser, dtype_use)
+
+
+def check_model_flags(args: argparse.Namespace, defaults: dict[str, dict]) -> None:
+    """Resolve --device, fill the flags left unset from defaults["cpu"] or ["cuda"], refuse an unknown
+    --size or --dtype now rather than after minutes of work, and name the device for the tables."""
+    args.device = resolve_device(args.device)  # refuses cuda where torch sees no GPU
+    for name, value in defaults["cuda" if args.device.startswith("cuda") else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.size not in PRETRAINED and not os.path.isdir(args.size):
+        raise ValueError(f"unknown --size '{args.size}': use one of {', '.join(PRETRAINED)} or a checkpoint folder")
+    resolve_dtype(args.device, args.dtype)
+    args.device_name = describe_device(args.device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -610,46 +567,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(a few minutes on 2 cores). CUDA: gpt2-medium, the paper's shapes 32x512,16x256,1x128, training "
         "8x512, 20 trials, bf16 (estimated at 2 to 3 minutes on an H100). Example: python bench.py --peers --out bench-out",
     )
-    parser.add_argument(
-        "--size",
-        help="the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with "
-        "random weights (no download), or a checkpoint folder",
-    )
+    add_model_flags(parser, "inference casts the weights to it, training runs under its autocast")
     parser.add_argument("--shapes", help="inference shapes, batch x sequence length, comma-separated: 1x128,4x256")
     parser.add_argument("--train-shape", help="the training batch, batch x sequence length: 2x128")
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
     parser.add_argument("--warmup", type=int, help="untimed ones before them")
-    add_hardware_flags(parser, "inference casts the weights to it, training runs under its autocast")
     parser.add_argument(
         "--peers", action="store_true", help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA"
     )
     keys = ", ".join(run.key for run in TRAINING_RUNS)
     parser.add_argument("--train-runs", help=f"only these training rows, comma-separated, of: {keys}")
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
-    parser.add_argument("--mixed", help="adapters x prompt tokens + new tokens for the mixed-adapter table: 4x16+16")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
-    parser.add_argument("--skip-mixed", action="store_true", help="leave out the mixed-adapter table")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
     args = parser.parse_args(argv)
-
-    args.device = resolve_device(args.device)  # refuses cuda where torch sees no GPU
-    defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    check_model_flags(args, DEFAULTS)
     if args.trials < 1 or args.warmup < 0:
         raise ValueError("--trials must be >= 1 and --warmup >= 0")
-    if args.size not in PRETRAINED and not os.path.isdir(args.size):
-        raise ValueError(f"unknown --size '{args.size}': use one of {', '.join(PRETRAINED)} or a checkpoint folder")
-    resolve_dtype(args.device, args.dtype)  # refuses an unknown dtype now, not after minutes of work
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
-    args.mixed = parse_mixed(args.mixed)
     if args.train_runs is not None:
         args.train_runs = [key.strip() for key in args.train_runs.split(",")]
         unknown = [key for key in args.train_runs if key not in {run.key for run in TRAINING_RUNS}]
         if unknown or not args.train_runs:
             raise ValueError(f"unknown --train-runs '{', '.join(unknown)}': choose from {keys}")
-    args.device_name = describe_device(args.device)
     return args
 
 
@@ -661,24 +601,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += inference_rows(args)
     if not args.skip_training:
         rows += training_rows(args)
-    if not args.skip_mixed:
-        rows += mixed_adapter_rows(args)
     # Another table is one more function returning rows (with a reference row) and, in markdown(), its format.
     add_ratios(rows)
     print(markdown(rows))
-    os.makedirs(args.out, exist_ok=True)
-    with atomic_path(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(
-            dict(
-                command=" ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
-                torch=torch.__version__,
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+    path = os.path.join(args.out, "results.json")
+    write_results(rows, path, " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]))
     drawn = chart(rows, os.path.join(args.out, "bench.png")) if rows else False
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}" + (" and bench.png" if drawn else ""))
+    print(f"\nwrote {path}" + (" and bench.png" if drawn else ""))
     return rows
 
 

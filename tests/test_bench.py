@@ -1,4 +1,4 @@
-"""bench.py end to end on a tiny model: every table, every row, every number positive and finite."""
+"""bench.py and lab.bench_mixed end to end on a tiny model: every table, every row, every number positive and finite."""
 
 import json
 import math
@@ -8,9 +8,10 @@ import torch
 
 import bench
 from conftest import TINY
+from lab import bench_mixed
 from model import GPT
 
-METRICS = {"inference": {"latency"}, "training": set(bench.UNITS), "mixed adapters": {"tokens/s"}}
+METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
 
 
 @pytest.fixture
@@ -37,8 +38,6 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
         "1x8,2x16",
         "--train-shape",
         "2x8",
-        "--mixed",
-        "3x4+3",
         "--trials",
         "2",
         "--warmup",
@@ -53,9 +52,8 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     whats = {t: {r["what"] for r in rows if r["table"] == t} for t in METRICS}
     assert whats["inference"] == {bench.BASE, "LoRA merged", "LoRA unmerged", "Adapter^H", "Adapter^L"}
     assert whats["training"] == {run.what for run in bench.training_runs(peers=False)}
-    assert whats["mixed adapters"] == {"one mixed batch", bench.MERGED_PER_ADAPTER, bench.ONE_MERGED}
     for table, metrics in METRICS.items():
-        shapes = {"inference": ["1x8", "2x16"], "training": ["2x8"], "mixed adapters": ["3x4+3"]}[table]
+        shapes = {"inference": ["1x8", "2x16"], "training": ["2x8"]}[table]
         # one row per model, metric and shape: nothing missing, nothing twice
         keys = sorted((r["what"], r["metric"], r["shape"]) for r in rows if r["table"] == table)
         assert keys == sorted((w, m, s) for w in whats[table] for m in metrics for s in shapes)
@@ -81,13 +79,13 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
         peak = next(r["matmul_peak"] for r in rows if r["what"] == what)
         assert by_key[what, "of matmul peak"] == pytest.approx(100 * by_key[what, "model FLOP/s"] / peak)
     printed = capsys.readouterr().out
-    assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed and "| one mixed batch |" in printed
+    assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed
     assert (out / "bench.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--mixed", "4x16"], ["--train-runs", "lora"]],
+    [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--train-runs", "lora"], ["--trials", "0"]],
 )
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):
@@ -113,7 +111,36 @@ def test_training_rows_without_their_reference_have_no_ratio(tmp_path, one_threa
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--train-shape", "2x8", "--trials", "1"]
-    rows = bench.main([*argv, "--skip-inference", "--skip-mixed", "--train-runs", "lora-qv", "--out", str(tmp_path)])
+    rows = bench.main([*argv, "--skip-inference", "--train-runs", "lora-qv", "--out", str(tmp_path)])
     assert {r["what"] for r in rows} == {"LoRA r=4 q,v"} and all(r["ratio"] is None for r in rows)
     printed = capsys.readouterr().out
     assert "| LoRA r=4 q,v |" in printed and "(×" not in printed  # no ratio to a reference that did not run
+
+
+def test_bench_mixed_writes_its_rows_beside_bench_results(tmp_path, one_thread, capsys):
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("bench.py's")  # a bench.py run in the same folder stays as it is
+    returned = bench_mixed.main(
+        ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--mixed", "3x4+3", "--out", str(out)]
+    )
+
+    rows = json.loads((out / "mixed_adapters.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(returned)) and (out / "results.json").read_text() == "bench.py's"
+    ways = {"one mixed batch", bench_mixed.MERGED_PER_ADAPTER, bench_mixed.ONE_MERGED}
+    assert sorted((r["what"], r["metric"], r["shape"]) for r in rows) == sorted((w, "tokens/s", "3x4+3") for w in ways)
+    for r in rows:
+        assert 0 < r["min"] <= r["median"] <= r["max"] and math.isfinite(r["max"])
+        assert r["reference"] == bench_mixed.ONE_MERGED and r["dtype"] == "float32"
+        assert r["ratio"] == pytest.approx(r["median"] / next(q["median"] for q in rows if q["what"] == q["reference"]))
+    printed = capsys.readouterr().out
+    assert "### mixed adapters: " in printed and "| one mixed batch |" in printed
+
+
+@pytest.mark.parametrize("argv", [["--mixed", "4x16"], ["--mixed", "4x16+0"], ["--size", "gpt-5"]])
+def test_bench_mixed_refuses_bad_input(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_mixed.main(["--device", "cpu", *argv])
+    assert str(exit_.value).startswith("lab.bench_mixed: error: ") and "\n" not in str(exit_.value)

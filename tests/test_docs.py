@@ -151,7 +151,8 @@ def test_the_check_catches_a_renamed_flag(monkeypatch):
 
 def test_every_script_is_documented():
     seen = {script_and_args(shlex.split(expand(line, v), comments=True))[0] for _, line, v in COMMANDS}
-    wanted = {"train", "sample", "prepare_data", "bench", "lab.analysis", "lab.peft_interop", "lab.multi_adapter"}
+    core = {"train", "sample", "prepare_data", "bench"}
+    wanted = core | {"lab.analysis", "lab.peft_interop", "lab.multi_adapter", "lab.bench_mixed"}
     assert wanted <= seen, f"no documented command for {sorted(wanted - seen)}"
 
 
@@ -191,6 +192,7 @@ def help_texts() -> dict[str, str]:
         "prepare_data": [[]],
         "bench": [[]],
         "lab.multi_adapter": [[]],
+        "lab.bench_mixed": [[]],
         "lab.e2e_metrics": [[]],
         "lab.analysis": [[], ["similarity"], ["amplification"]],
         "lab.peft_interop": [[], ["export"], ["import"]],
