@@ -488,23 +488,18 @@ def setup_processes(device: str) -> tuple[str, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def build_model(base: str, args: argparse.Namespace, vocab_size: int, config: LoRAConfig | None) -> GPT:
-    """The base (pre-trained, a --rank 0 folder, or random), then LoRA on it (which freezes the base)."""
+def build_model(
+    base: str, scratch_sizes: dict[str, int], block_size: int, data: str, vocab_size: int, config: LoRAConfig | None
+) -> GPT:
+    """The base (pre-trained, a --rank 0 folder, or random with `scratch_sizes`), then LoRA on it
+    (which freezes the base). It must cover the vocabulary of the data folder `data` and `block_size`."""
     if base == "scratch":
-        model = GPT(
-            GPTConfig(
-                block_size=args.block_size,
-                vocab_size=vocab_size,
-                n_layer=args.n_layer,
-                n_head=args.n_head,
-                n_embd=args.n_embd,
-            )
-        )
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, **scratch_sizes))
     else:
         model = GPT.from_pretrained(base)
-    if model.config.vocab_size < vocab_size or model.config.block_size < args.block_size:
+    if model.config.vocab_size < vocab_size or model.config.block_size < block_size:
         raise ValueError(
-            f"{args.data} needs vocab {vocab_size} and --block-size {args.block_size}; the model has "
+            f"{data} needs vocab {vocab_size} and --block-size {block_size}; the model has "
             f"vocab {model.config.vocab_size} and block size {model.config.block_size}"
         )
     return apply_lora(model, config) if config else model
@@ -552,19 +547,14 @@ def log(path: str, record: dict) -> None:
 # ---- training ------------------------------------------------------------------------------------
 
 
-def load_data(args: argparse.Namespace, world_size: int, is_main: bool) -> tuple[dict, Split, Split]:
-    """meta.json and the two splits; with --epochs, --max-iters becomes the steps they take."""
+def load_data(folder: str, block_size: int, padded: bool, world_size: int, is_main: bool) -> tuple[dict, Split, Split]:
+    """meta.json and the two splits; the main process prepares the default folder first if it must."""
     if world_size > 1 and not is_main:
         dist.barrier()  # wait while the main process prepares the default data, if it must
-    meta = open_data(args.data)
+    meta = open_data(folder)
     if world_size > 1 and is_main:
         dist.barrier()
-    padded = args.batching == "padded"
-    splits = [load_split(args.data, s, args.block_size, meta["eot_token"], padded) for s in ("train", "val")]
-    if args.epochs is not None:
-        examples_per_step = args.batch_size * args.grad_accum * world_size
-        args.max_iters = max(1, math.ceil(args.epochs * len(splits[0].examples) / examples_per_step))
-    return meta, *splits
+    return meta, *(load_split(folder, s, block_size, meta["eot_token"], padded) for s in ("train", "val"))
 
 
 def optimizer_step(
@@ -605,11 +595,16 @@ def train(args: argparse.Namespace) -> GPT:
     precision = autocast(device, dtype)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (Ampere and newer)
-    meta, train_split, val_split = load_data(args, world_size, is_main)
+    meta, train_split, val_split = load_data(args.data, args.block_size, args.batching == "padded", world_size, is_main)
+    if args.epochs is not None:  # --max-iters becomes the steps that many passes over the examples take
+        examples_per_step = args.batch_size * args.grad_accum * world_size
+        args.max_iters = max(1, math.ceil(args.epochs * len(train_split.examples) / examples_per_step))
 
     # -- model: base, LoRA (freezes the base), device, optimizer
     torch.manual_seed(args.seed)
-    raw_model = build_model(args.base, args, meta["vocab_size"], config).to(device)
+    scratch_sizes = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    raw_model = build_model(args.base, scratch_sizes, args.block_size, args.data, meta["vocab_size"], config)
+    raw_model.to(device)
     raw_model.activation_checkpointing = args.activation_checkpointing
     if config:
         freeze_base_in(raw_model, dtype)  # the paper's setup: W0 in the autocast dtype, A and B (and AdamW's) in fp32
@@ -663,18 +658,9 @@ def train(args: argparse.Namespace) -> GPT:
                 if is_main:
                     val_loss = evaluate(compiled, val_batches, precision)  # the main process's alone
                     bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-                    elapsed_s = round(time.time() - started, 1)
-                    log(
-                        log_path,
-                        {
-                            "step": step + 1,
-                            "train_loss": train_loss,
-                            "val_loss": val_loss,
-                            "lr": lr,
-                            "tokens_per_s": round(tokens_per_s),
-                            "elapsed_s": elapsed_s,
-                        },
-                    )
+                    record = dict(step=step + 1, train_loss=train_loss, val_loss=val_loss, lr=lr)
+                    speed = dict(tokens_per_s=round(tokens_per_s), elapsed_s=round(time.time() - started, 1))
+                    log(log_path, record | speed)
                     save_checkpoint(args, raw_model, optimizer, scaler, step + 1, rng_states)
                     saved_step = step + 1
     except KeyboardInterrupt:
