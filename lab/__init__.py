@@ -1,4 +1,6 @@
-"""The lab: experiments and measurements beside the core (paper baselines, §7 analysis, PEFT interop, E2E evaluation)."""
+"""The lab: experiments and measurements beside the core, which never imports it (bench.py only the adapter
+baselines it measures): the Table-1 adapter baselines, §7 analysis, PEFT interop, several adapters in one batch
+and their benchmark, profiling, and the E2E evaluation."""
 
 import argparse
 
