@@ -6,7 +6,7 @@ The paper claims (Hu et al., 2021):
 - §4.2 "Practical Benefits": on GPT-3 175B, LoRA cuts training memory from 1.2 TB to 350 GB (3×),
   the checkpoint from 350 GB to 35 MB (10,000×), and trains 25% faster.
 
-Three tables measure them, each row against its reference:
+Two tables measure them, each row against its reference:
 - inference: one forward pass without gradients, per (batch, seq) shape, for the base model
   (= a fully fine-tuned model), merged LoRA, unmerged LoRA, and the adapter baselines Adapter^H and
   Adapter^L (lab/adapter_baselines.py);
@@ -16,7 +16,8 @@ Three tables measure them, each row against its reference:
   its share of the measured matmul peak, and checkpoint size; each configuration in a fresh process,
   so peak memory is its own; the reference is full fine-tuning. `--peers` adds Hugging Face GPT-2
   with full fine-tuning and with PEFT's LoRA.
-Several adapters in one batch are the lab's (lab/multi_adapter.py), measured by `python -m lab.bench_mixed`.
+Several adapters in one batch are the lab's (lab/multi_adapter.py); `python -m lab.bench_mixed` measures
+them with this file's timing and rows.
 
 Weights are random (latency and memory do not depend on their values) unless --size is a folder.
 Writes OUT/results.json (one row per measurement), prints markdown tables, and draws OUT/bench.png
