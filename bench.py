@@ -542,7 +542,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def add_model_flags(parser: argparse.ArgumentParser, dtype_use: str) -> None:
     """--size, --device and --dtype, as bench.py and the lab's benchmarks read them."""
-    size_help = "the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with random weights (no download), or a checkpoint folder"
+    size_help = (
+        "the GPT-2 to measure: gpt2, gpt2-medium, gpt2-large, gpt2-xl in that size with random weights "
+        "(no download), or a checkpoint folder"
+    )
     parser.add_argument("--size", help=size_help)
     add_hardware_flags(parser, dtype_use)
 
