@@ -52,7 +52,7 @@ from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
 from lora import TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from model import GPT, PRETRAINED, hf_config
 from train import freeze_base_in
-from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype
+from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype, synchronize
 
 LORA_RANK = 4  # alpha 8, lora.py's default
 
@@ -77,12 +77,10 @@ DEFAULTS = {
 
 def timed(fn: Callable[[], object], device: str) -> float:
     """Seconds one call of `fn` takes; on CUDA, waits for the kernels it queued."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 

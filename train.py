@@ -40,6 +40,7 @@ from utils import (
     parameter_summary,
     resolve_device,
     resolve_dtype,
+    synchronize,
 )
 
 DEFAULT_DATA = os.path.join("data", "shakespeare")
@@ -647,8 +648,7 @@ def train(args: argparse.Namespace) -> GPT:
                 group["lr"] = lr
             batches = training_batches(train_split, args, step, process, world_size, batch_generator, device)
             train_loss = optimizer_step(model, optimizer, scaler, batches, precision, args)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()  # for an honest tokens/s
+            synchronize(device)  # for an honest tokens/s
             seconds += time.time() - step_started
             n_tokens += sum(x.numel() for x, _ in batches) * world_size
             tokens_per_s = n_tokens / seconds  # mean over this run, padding included
