@@ -15,11 +15,13 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import build_model, parse_shapes, timed
+from bench import add_model_flags, build_model, check_model_flags, parse_shapes, timed
 from lab import command_line
 from lora import LoRAConfig, apply_lora
 from train import freeze_base_in
-from utils import add_hardware_flags, autocast, describe_dtype, resolve_device, resolve_dtype
+from utils import autocast, describe_dtype, resolve_dtype
+
+DEFAULTS = {"cpu": dict(size="gpt2", shape="4x256"), "cuda": dict(size="gpt2-medium", shape="8x512")}
 
 
 def profile_step(size: str, rank: int, shape: tuple[int, int], device: str, dtype: torch.dtype, steps: int) -> None:
@@ -56,24 +58,16 @@ def profile_step(size: str, rank: int, shape: tuple[int, int], device: str, dtyp
 
 def main(argv: list[str] | None = None) -> None:
     parser = command_line("lab.profile_step", __doc__)
-    parser.add_argument(
-        "--size", help="gpt2, gpt2-medium, ... (random weights); default gpt2-medium on a GPU, gpt2 on a CPU"
-    )
+    add_model_flags(parser, "the autocast dtype (LoRA keeps its frozen base in it when it has 16 bits)")
     parser.add_argument("--shape", help="the batch, batch x sequence length; default 8x512 on a GPU, 4x256 on a CPU")
-    add_hardware_flags(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps before the profiled ones (default: 10)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    cuda = device.startswith("cuda")
-    size, (shape,) = (
-        args.size or ("gpt2-medium" if cuda else "gpt2"),
-        parse_shapes(args.shape or ("8x512" if cuda else "4x256")),
-    )
-    dtype = resolve_dtype(device, args.dtype)
-    print(f"{size}, {shape[0]}x{shape[1]}, {device}, {describe_dtype(device, args.dtype)}")
+    check_model_flags(args, DEFAULTS)  # default --size: gpt2-medium on a GPU, gpt2 on a CPU
+    (shape,), dtype = parse_shapes(args.shape), resolve_dtype(args.device, args.dtype)
+    print(f"{args.size}, {args.shape}, {args.device_name}, {describe_dtype(args.device, args.dtype)}")
     for rank in (0, 4):
-        profile_step(size, rank, shape, device, dtype, args.steps)
-        if cuda:
+        profile_step(args.size, rank, shape, args.device, dtype, args.steps)
+        if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
 

@@ -8,7 +8,7 @@ import torch
 
 import bench
 from conftest import TINY
-from lab import bench_mixed
+from lab import bench_mixed, profile_step
 from model import GPT
 
 METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
@@ -144,3 +144,15 @@ def test_bench_mixed_refuses_bad_input(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_mixed.main(["--device", "cpu", *argv])
     assert str(exit_.value).startswith("lab.bench_mixed: error: ") and "\n" not in str(exit_.value)
+
+
+def test_profile_step_profiles_both_runs_with_bench_flags(tmp_path, one_thread, capsys):
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    profile_step.main(["--size", str(tmp_path / "tiny"), "--device", "cpu", "--shape", "2x8", "--steps", "1"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{tmp_path / 'tiny'}, 2x8, cpu (") and ", float32" in printed.splitlines()[0]
+    assert "=== full fine-tuning: median step" in printed and "=== LoRA r=4 q,v: median step" in printed
+    assert printed.count("Self CPU time total") == 2  # one profiler table a run
+    with pytest.raises(ValueError, match="unknown --size 'gpt-5'"):
+        profile_step.main(["--size", "gpt-5", "--device", "cpu"])
