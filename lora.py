@@ -68,7 +68,8 @@ class LoRALinear(nn.Linear):
         x = self.lora_dropout(x)
         for name, rows in self.parts.items():
             # eq. 3: + (α/r)·B·(A·x), in the low-rank order (…, d_in) -> (…, r) -> (…, d_rows): B·A is never built
-            h[..., rows] += self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())
+            delta = self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())
+            h = h + F.pad(delta, (rows.start, self.out_features - rows.stop))  # zero outside its rows; out of place
         return h
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -82,8 +83,7 @@ class LoRALinear(nn.Linear):
             self.merged = True
 
     def unmerge(self) -> None:
-        """W ← W - ΔW. Exact to fp32 rounding (≤ 1e-6) in fp32. In bf16/fp16 the weight was rounded
-        when merged, so W0 comes back only to within about one rounding step of that dtype."""
+        """W ← W - ΔW: exact to fp32 rounding in fp32, to about one rounding step in bf16/fp16 (merged, then rounded)."""
         if self.merged:
             self._add_to_weight(-1.0)
             self.merged = False
