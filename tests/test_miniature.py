@@ -1,0 +1,117 @@
+"""lab.miniature: the data it builds (delexicalised, the pre-training text free of the test split), the copy
+test, and --quick end to end: tables written, a second run reads every row, an interrupted row resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from lab import miniature
+from model import GPT, GPTConfig
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+LOCAL = ["--shakespeare", os.path.join(SHARED, "tinyshakespeare.txt"), "--e2e", os.path.join(SHARED, "e2e")]
+LOCAL += ["--webnlg", os.path.join(SHARED, "webnlg", "dev.json")]
+needs_data = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "e2e")), reason="no local E2E copy")
+
+
+def test_delexicalise_and_back():
+    mr = "name : The Wrestlers | Type : pub | near : Café Sicilia"
+    context, target = miniature.delexicalise(mr, "The Wrestlers is a pub near Café Sicilia .")
+    assert context == "name : X-name | Type : pub | near : X-near"
+    assert target == "X-name is a pub near X-near ."
+    assert miniature.relexicalise(target, mr) == "The Wrestlers is a pub near Café Sicilia ."
+    assert miniature.parse_mr(mr) == {"name": "The Wrestlers", "Type": "pub", "near": "Café Sicilia"}
+    assert miniature.relexicalise("X-name is near X-near", "name : Aromi") == "Aromi is near X-near"  # no near slot
+
+
+def test_every_tenth_mr_is_held_out_with_all_its_references():
+    lines = [f"name : N{i} | food : F||text {i} {j}" for i in range(25) for j in range(3)]
+    train, held = miniature.split_pairs("\n".join(lines))
+    held_mrs = {line.split("||")[0] for line in held}
+    assert held_mrs == {"name : N9 | food : F", "name : N19 | food : F"}
+    assert len(held) == 6 and len(train) == 69
+    assert not held_mrs & {line.split("||")[0] for line in train}
+
+
+def test_leaks_finds_a_test_reference_or_mr_as_it_is_or_delexicalised():
+    test = ["name : Aromi | area : riverside||Aromi is by the riverside ."]
+    assert miniature.leaks("A text. X-name is by the riverside . More.", test) == ["X-name is by the riverside ."]
+    assert miniature.leaks("name : Aromi | area : riverside", test) == ["name : Aromi | area : riverside"]
+    assert miniature.leaks("Aromi is a pub .", test) == []
+
+
+@needs_data
+def test_the_pretraining_text_holds_the_domain_but_never_the_task_nor_the_test_split():
+    sources = miniature.read_sources(*LOCAL[1::2])
+    train_lines, held_lines = miniature.split_pairs(sources["valid"])
+    text = miniature.pretraining_text(sources, train_lines, held_lines)
+    assert miniature.leaks(text, miniature.test_lines(sources)) == []  # no test MR or reference
+    slots = "name|Type|area|food|near|price|customer rating|family friendly"
+    assert "||" not in text and not re.search(rf"({slots}) : [^|\n]* \| ", text)  # no MR, so none before a text
+    documents = text.split("\n\n")
+    held = {t for _, t in (line.split("||", 1) for line in miniature.delexicalised_lines(held_lines))}
+    assert not held & set(documents)  # the held-out sentences, on which the base's loss is taken, are unseen
+    assert sum("X-name" in d for d in documents) > 3000  # the training MRs' sentences
+    assert "The leader of Aarhus is Jacob Bundsgaard." in documents  # WebNLG
+    assert sum(d.startswith("MENENIUS:") for d in documents) > 10  # Shakespeare's paragraphs
+
+
+def test_copy_test_sees_a_model_that_copies():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=1, n_embd=8))
+    first, repeat = miniature.copy_test(model, n=4, length=20)
+    assert abs(first - repeat) < 0.3 and 3 < first < 5  # random weights: about ln(50) = 3.9 on both
+
+    class Copier(torch.nn.Module):  # a perfect induction head: from the repeat on, predicts the token 20 back
+        config, transformer = model.config, model.transformer
+
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 50)  # uniform on the first occurrence: ln(50)
+            for t in range(19, x.size(1)):  # position t predicts x[t + 1], which is x[t + 1 - 20] in the repeat
+                logits[:, t] = -30.0
+                logits[:, t].scatter_(1, x[:, t - 19, None], 0.0)
+            return logits, None
+
+    first, repeat = miniature.copy_test(Copier(), n=4, length=20)
+    assert first == pytest.approx(3.912, abs=1e-3) and repeat < 1e-9
+
+
+def test_quick_sweep_writes_the_tables_reads_complete_rows_and_resumes_an_interrupted_one(tmp_path, capsys):
+    out = str(tmp_path / "mini")
+    argv = ["--quick", "--out", out, "--doc", str(tmp_path / "docs" / "miniature.md"), *LOCAL, "--dtype", "float32"]
+    report = miniature.main(argv)
+    printed = capsys.readouterr().out
+    n_runs = 1 + 1 + 2 + 2 + 6 + 4  # base, fine-tuning, two Table 3 LoRA methods at 2 lrs, Table 5, Table 6
+    assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
+    doc = (tmp_path / "docs" / "miniature.md").read_text()
+    for heading in ("## The base", "## Table 3", "## Table 5", "## Table 6", "## Fig. 3 and Table 7", "## Commands"):
+        assert heading in doc
+    assert doc.count("python train.py ") == n_runs
+    assert all((tmp_path / "docs" / f"miniature-{name}.png").stat().st_size > 1000 for name in ("phi", "rank", "loss"))
+    t3 = report["table3"]
+    assert t3["LoRA r=4 q,v"]["trainable"] == 2 * 2 * 4 * (32 + 32)  # 2 blocks × (q, v) × r × (d_in + d_rows)
+    assert t3["LoRA r=4 q,v"]["lr"] in (4e-3, 8e-3) and t3["fine-tuning"]["lr"] == 1e-3
+    tuned = report["tuning"]["LoRA r=4 q,v"]
+    assert t3["LoRA r=4 q,v"]["val_loss"] == min(tuned.values())  # the lower held-out loss won
+    assert t3["fine-tuning"]["beam"]["mrs"] == 4 and 0 <= t3["fine-tuning"]["beam"]["name_realised"] <= 1
+    assert report["table5"]["Wq, Wv"]["folder"] == t3["LoRA r=4 q,v"]["folder"]  # one run, two tables
+
+    # a complete sweep is read, not rerun; a row whose done.json is gone resumes from its checkpoint
+    row = report["table6"]["r = 8"]["folder"]
+    os.remove(os.path.join(row, "done.json"))
+    stamp = os.path.getmtime(os.path.join(t3["fine-tuning"]["folder"], "model.safetensors"))
+    miniature.main(argv)
+    assert os.path.getmtime(os.path.join(t3["fine-tuning"]["folder"], "model.safetensors")) == stamp
+    with open(os.path.join(row, "done.json")) as f:
+        assert json.load(f)["resumed"] is True
+
+
+def test_a_missing_local_copy_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        miniature.main(["--quick", "--out", str(tmp_path), "--e2e", str(tmp_path / "nowhere"), *LOCAL[:2]])
+    assert str(error.value).startswith("lab.miniature: error: --e2e ") and "no such file" in str(error.value)
