@@ -228,8 +228,9 @@ class Scale:
     base_iters: int = 600
     base_batch: int = 16
     base_lr: float = 2e-3
-    epochs: float = 2.0  # passes over the 4,180 training pairs
-    eval_iters: int = 62  # batches of 8: every held-out pair
+    epochs: float = 1.0  # passes over the 4,179 training pairs
+    batch_size: int = 8
+    eval_iters: int | None = None  # held-out batches per evaluation; None: every held-out pair
     curve_points: int = 8  # held-out losses logged per Table 3 run, for the loss curves
     full_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)  # candidates, chosen on the held-out MRs
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
@@ -257,49 +258,40 @@ def folder_name(rank: int, targets: str, lr: float) -> str:
     return f"full-lr{lr:g}" if rank == 0 else f"lora-r{rank}-{targets}-lr{lr:g}"
 
 
-def finetune_argv(
-    scale: Scale, out: str, n_pairs: int, rank: int, targets: str, lr: float, curve: bool, hardware: list[str]
-) -> list[str]:
-    """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale."""
-    steps = math.ceil(scale.epochs * n_pairs / 8)
-    argv = ["--base", os.path.join(out, "base"), "--data", os.path.join(out, "data", "e2e")]
-    argv += ["--run-dir", os.path.join(out, folder_name(rank, targets, lr)), "--batching", "padded"]
-    argv += ["--epochs", f"{scale.epochs:g}", "--batch-size", "8", "--grad-accum", "1"]
-    argv += ["--block-size", str(scale.block_size), "--schedule", "linear", "--warmup-iters", str(max(1, steps // 20))]
-    argv += ["--weight-decay", "0.01", "--label-smoothing", "0.1", "--eval-iters", str(scale.eval_iters)]
-    argv += ["--eval-interval", str(max(1, steps // scale.curve_points) if curve else 10**6), "--lr", f"{lr:g}"]
-    argv += ["--rank", str(rank)] + (
-        ["--alpha", str(ALPHA), "--targets", targets, "--lora-dropout", str(LORA_DROPOUT)] if rank else []
+def as_argv(flags: dict) -> list[str]:
+    """{'n_layer': 4, 'resume': True} -> ['--n-layer', '4', '--resume']."""
+    argv = []
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}"] + (
+            [] if value is True else [f"{value:g}" if isinstance(value, float) else str(value)]
+        )
+    return argv
+
+
+def finetune_argv(scale: Scale, out: str, meta: dict, rank: int, targets: str, lr: float, curve: bool) -> list[str]:
+    """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale. `meta` is the
+    pairs' meta.json (how many training and held-out pairs)."""
+    steps = math.ceil(scale.epochs * meta["train_examples"] / scale.batch_size)
+    flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"))
+    flags |= dict(run_dir=os.path.join(out, folder_name(rank, targets, lr)), batching="padded", epochs=scale.epochs)
+    flags |= dict(batch_size=scale.batch_size, grad_accum=1, block_size=scale.block_size, schedule="linear")
+    flags |= dict(warmup_iters=max(1, steps // 20), weight_decay=0.01, label_smoothing=0.1, lr=lr)
+    flags |= dict(eval_iters=scale.eval_iters or math.ceil(meta["val_examples"] / scale.batch_size))
+    flags |= dict(eval_interval=max(1, steps // scale.curve_points) if curve else steps, rank=rank)
+    if rank:
+        flags |= dict(alpha=ALPHA, targets=targets, lora_dropout=LORA_DROPOUT)
+    return as_argv(flags)
+
+
+def base_argv(scale: Scale, out: str) -> list[str]:
+    """train.py's arguments for the base: from scratch (random weights), every weight trained."""
+    flags = dict(base="scratch", rank=0, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd)
+    flags |= dict(block_size=scale.block_size, batch_size=scale.base_batch, grad_accum=1, max_iters=scale.base_iters)
+    flags |= dict(
+        lr=scale.base_lr, warmup_iters=max(1, scale.base_iters // 12), eval_interval=max(1, scale.base_iters // 6)
     )
-    return argv + hardware
-
-
-def base_argv(scale: Scale, out: str, hardware: list[str]) -> list[str]:
-    argv = ["--base", "scratch", "--rank", "0", "--n-layer", str(scale.n_layer), "--n-head", str(scale.n_head)]
-    argv += [
-        "--n-embd",
-        str(scale.n_embd),
-        "--block-size",
-        str(scale.block_size),
-        "--batch-size",
-        str(scale.base_batch),
-    ]
-    argv += ["--grad-accum", "1", "--max-iters", str(scale.base_iters), "--lr", f"{scale.base_lr:g}"]
-    argv += [
-        "--warmup-iters",
-        str(max(1, scale.base_iters // 12)),
-        "--eval-interval",
-        str(max(1, scale.base_iters // 6)),
-    ]
-    argv += [
-        "--eval-iters",
-        "20",
-        "--data",
-        os.path.join(out, "data", "pretrain"),
-        "--run-dir",
-        os.path.join(out, "base"),
-    ]
-    return argv + hardware
+    flags |= dict(eval_iters=20, data=os.path.join(out, "data", "pretrain"), run_dir=os.path.join(out, "base"))
+    return as_argv(flags)
 
 
 def train_row(argv: list[str]) -> dict:
@@ -344,7 +336,7 @@ def score_row(folder: str, test: str, scale: Scale, beam: bool, device: str, dty
     settings = dict(num_beams=scale.num_beams, length_penalty=0.9) if beam else dict(num_beams=1)
     with autocast(device, resolve_dtype(device, dtype)):
         texts = decode(
-            model, [delexicalise(c)[0] for c in contexts], 16 if beam else 64, scale.max_new_tokens, **settings
+            model, [delexicalise(c)[0] for c in contexts], 16 if beam else 128, scale.max_new_tokens, **settings
         )
     seconds = time.time() - started
     predictions = [relexicalise(text, context) for text, context in zip(texts, contexts)]
@@ -373,72 +365,56 @@ def score_row(folder: str, test: str, scale: Scale, beam: bool, device: str, dty
 
 
 def sweep(args: argparse.Namespace) -> dict:
-    """Every step above, in order; returns what the report shows."""
+    """Data, base, then the rows of Tables 3, 5 and 6 (each trained unless complete, then decoded unless
+    decoded); returns what the report shows."""
     scale, out, started = QUICK if args.quick else Scale(), args.out, time.time()
     device = resolve_device(args.device)
     resolve_dtype(device, args.dtype)  # a bad --dtype fails before any work
-    hardware = ["--device", args.device, "--dtype", args.dtype]
+    hardware = [] if (args.device, args.dtype) == ("auto", "auto") else ["--device", args.device, "--dtype", args.dtype]
     data = os.path.join(out, "data")
     if not all(os.path.isfile(os.path.join(data, d, "meta.json")) for d in ("pretrain", "e2e")):
         print("preparing the data")
         write_data(read_sources(args.shakespeare, args.e2e, args.webnlg), data, scale.block_size)
     with open(os.path.join(data, "e2e", "meta.json")) as f:
-        n_pairs = json.load(f)["train_examples"]
+        meta = json.load(f)
     with open(os.path.join(data, "train-names.txt"), encoding="utf-8") as f:
         seen = set(f.read().splitlines())
-    test = os.path.join(data, "test.txt")
-    t5 = {name: (rank, targets) for name, (rank, targets) in TABLE5.items()}
-    t6 = {f"r = {r}": (r, "q,v") for r in TABLE6_RANKS}
-    runs = {folder_name(r, t, 0) for r, t in [*t5.values(), *t6.values()]} - {folder_name(4, "q,v", 0)}
-    total = 1 + sum(len(scale.full_lrs if r == 0 else scale.lora_lrs) for r, _ in TABLE3.values()) + len(runs)
-    runs_done: dict[str, dict] = {}
+    table6 = {f"r = {r}": (r, "q,v") for r in TABLE6_RANKS}
+    later = {folder_name(r, t, 0) for r, t in [*TABLE5.values(), *table6.values()]} - {folder_name(4, "q,v", 0)}
+    total = 1 + sum(len(scale.full_lrs if r == 0 else scale.lora_lrs) for r, _ in TABLE3.values()) + len(later)
+    report = {"scale": scale, "runs": {}, "tuning": {}, "table3": {}}
 
     def run(argv: list[str]) -> dict:
-        record = train_row(argv)
-        folder = os.path.basename(argv[argv.index("--run-dir") + 1])
-        runs_done[folder] = record
-        done = len(runs_done)
-        print(
-            f"[{done}/{total}] {folder}: {record['train_s']:.0f} s, held-out loss {record['val_loss']:.3f} "
-            f"({time.time() - started:.0f} s into the sweep)",
-            flush=True,
-        )
-        return record
+        """A train.py row (read if complete), with a progress line the first time the sweep meets it."""
+        folder = argv[argv.index("--run-dir") + 1]
+        record = train_row(argv + hardware)
+        if folder not in report["runs"]:
+            report["runs"][folder] = record
+            print(
+                f"[{len(report['runs'])}/{total}] {folder}: trained in {record['train_s']:.0f} s, held-out loss "
+                f"{record['val_loss']:.3f} ({(time.time() - started) / 60:.1f} minutes into this run)",
+                flush=True,
+            )
+        return record | {"folder": folder}
 
-    report = {"scale": scale, "base": run(base_argv(scale, out, hardware))}
-    base = GPT.from_pretrained(os.path.join(out, "base"))
-    report["copy_test"] = copy_test(base)
-    # Table 3: each method at its best learning rate on the held-out MRs, decoded with beam search
-    report["table3"], report["tuning"] = {}, {}
-    for method, (rank, targets) in TABLE3.items():
-        candidates = {
-            lr: run(finetune_argv(scale, out, n_pairs, rank, targets, lr, True, hardware))
-            for lr in (scale.full_lrs if rank == 0 else scale.lora_lrs)
-        }
-        lr = min(candidates, key=lambda lr: candidates[lr]["val_loss"])
-        report["tuning"][method] = {lr: c["val_loss"] for lr, c in candidates.items()}
-        folder = os.path.join(out, folder_name(rank, targets, lr))
-        report["table3"][method] = candidates[lr] | {"lr": lr, "folder": folder}
-        for kind in ("beam", "greedy"):
-            report["table3"][method][kind] = score_row(folder, test, scale, kind == "beam", device, args.dtype, seen)
-    # Tables 5 and 6: LoRA at the learning rate chosen for r=4 on q,v, decoded greedily
-    lr = report["table3"]["LoRA r=4 q,v"]["lr"]
-    for table, rows in (("table5", t5), ("table6", t6)):
+    def decoded(row: dict, beam: bool) -> dict:
+        return score_row(row["folder"], os.path.join(data, "test.txt"), scale, beam, device, args.dtype, seen)
+
+    report["base"] = run(base_argv(scale, out))
+    report["copy_test"] = copy_test(GPT.from_pretrained(os.path.join(out, "base")))
+    for method, (rank, targets) in TABLE3.items():  # each method at its learning rate of lowest held-out loss
+        lrs = scale.full_lrs if rank == 0 else scale.lora_lrs
+        candidates = {lr: run(finetune_argv(scale, out, meta, rank, targets, lr, True)) for lr in lrs}
+        lr = min(candidates, key=lambda lr: candidates[lr]["val_loss"])  # the held-out MRs, never the test split
+        report["tuning"][method] = {lr: row["val_loss"] for lr, row in candidates.items()}
+        best = candidates[lr]
+        report["table3"][method] = best | dict(lr=lr, beam=decoded(best, True), greedy=decoded(best, False))
+    lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
+    for table, rows in (("table5", TABLE5), ("table6", table6)):
         report[table] = {}
         for name, (rank, targets) in rows.items():
-            argv = finetune_argv(scale, out, n_pairs, rank, targets, lr, False, hardware)
-            folder = os.path.join(out, folder_name(rank, targets, lr))
-            record = train_row(argv) if (rank, targets) == (4, "q,v") else run(argv)
-            report[table][name] = record | {"lr": lr, "folder": folder}
-            report[table][name]["greedy"] = score_row(folder, test, scale, False, device, args.dtype, seen)
-    report["runs"] = runs_done
-    report["decode_s"] = [
-        s["decode_s"]
-        for t in ("table3", "table5", "table6")
-        for r in report[t].values()
-        for k, s in r.items()
-        if k in ("beam", "greedy")
-    ]
+            row = run(finetune_argv(scale, out, meta, rank, targets, lr, False))
+            report[table][name] = row | dict(lr=lr, greedy=decoded(row, False))
     report["wall_s"] = time.time() - started
     return report
 
@@ -533,7 +509,14 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
     full, lora = t3["fine-tuning"], t3["LoRA r=4 q,v"]
     first, repeat = report["copy_test"]
     runs = list(report["runs"].values())  # the base first
-    train_s, decode_s = sum(r["train_s"] for r in runs), sum(report["decode_s"])
+    decodes = {
+        (row["folder"], kind): row[kind]["decode_s"]
+        for t in ("table3", "table5", "table6")
+        for row in report[t].values()
+        for kind in ("beam", "greedy")
+        if kind in row
+    }
+    train_s, decode_s = sum(r["train_s"] for r in runs), sum(decodes.values())
     device = resolve_device(args.device)
     lines = [
         "# The paper's GPT-2 results in miniature",
