@@ -57,6 +57,45 @@ def test_only_A_and_B_train_and_both_get_gradients(tiny_model):
             assert p.grad is None, name
 
 
+def eq3_written_plainly(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """h = W0·x + (α/r)·B·A·x (paper, eq. 3) on each adapted chunk of rows, W0·x on the others:
+    out of place, ΔW built, the chunks concatenated. A reference that shares no line with LoRALinear.forward."""
+    chunks, start = [], 0
+    for name, rows in sorted(layer.parts.items(), key=lambda part: part[1].start):
+        W0, bias, delta_W = layer.weight[rows], layer.bias[rows], layer.lora_B[name] @ layer.lora_A[name]
+        chunks.append(x @ layer.weight[start : rows.start].T + layer.bias[start : rows.start])  # not adapted
+        chunks.append(x @ W0.T + bias + layer.scaling * x @ delta_W.T)
+        start = rows.stop
+    chunks.append(x @ layer.weight[start:].T + layer.bias[start:])
+    return torch.cat(chunks, dim=-1)
+
+
+# each target alone, the README's q,v and every projection, and §4.2 Table 5's combinations
+@pytest.mark.parametrize(
+    "targets",
+    [("q",), ("k",), ("v",), ("o",), ("mlp",), ("q", "v"), ("q", "k"), ("q", "k", "v", "o"), tuple(TARGETS)],
+    ids=",".join,
+)
+def test_every_target_trains_with_the_gradients_of_eq3_written_plainly(tiny_model, monkeypatch, targets):
+    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=targets))
+    randomize_B(tiny_model)  # B = 0 gives A a zero gradient, which would compare nothing
+    idx = tokens()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model(idx, idx)[1].backward()
+        return {name: p.grad for name, p in tiny_model.named_parameters() if p.requires_grad}
+
+    ours = gradients()
+    monkeypatch.setattr(LoRALinear, "forward", eq3_written_plainly)
+    reference = gradients()
+    n_parts = sum(len(TARGETS[t]) for t in targets)  # q, k, v one part each of c_attn; mlp two modules
+    assert ours.keys() == reference.keys() and len(ours) == 2 * n_parts * TINY.n_layer
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        assert (grad - reference[name]).abs().max() <= 1e-5 * reference[name].abs().max(), name
+
+
 @pytest.mark.parametrize(
     "targets, expected",
     [(("q", "v"), 147_456), (("q", "k", "v", "o", "mlp"), 4 * 12 * (4 * (768 + 768) + 2 * (768 + 3072)))],
