@@ -120,8 +120,9 @@ def test_a_banked_adapter_is_a_copy_that_later_loads_and_training_leave_alone(tw
         assert torch.equal(tensor, expected[key]), key
 
 
-def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alone(tiny_model):
-    lora.apply_lora(tiny_model, lora.LoRAConfig(rank=2, alpha=4, targets=("q", "v")))
+@pytest.mark.parametrize("targets", [("q", "v"), ("o",), ("mlp",)], ids=",".join)
+def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alone(tiny_model, targets):
+    lora.apply_lora(tiny_model, lora.LoRAConfig(rank=2, alpha=4, targets=targets))
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_adapter(tiny_model, seed)
         add_adapter(tiny_model, name)  # a copy of the active adapter
@@ -144,7 +145,9 @@ def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alon
         assert (grad[2] - grad_c[2]).abs().max() <= 1e-5 and grad_c[2].abs().max() > 0  # c: row 0's alone
         assert (grad[0] - grad_a[0]).abs().max() <= 1e-5 and grad_a[0].abs().max() > 0  # a: row 2's alone
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))  # b, not in the batch
-    assert all(layer.lora_A["q"].grad is None for layer in lora.lora_layers(tiny_model))  # nor the active one
+    assert all(
+        A.grad is None for layer in lora.lora_layers(tiny_model) for A in layer.lora_A.values()
+    )  # nor the active one
     assert tiny_model.transformer.wte.weight.grad is None
 
 
