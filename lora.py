@@ -45,8 +45,7 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate none
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.parts = parts
-        self.scaling = config.scaling
+        self.parts, self.scaling = parts, config.scaling
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         r, rows = config.rank, {name: part.stop - part.start for name, part in parts.items()}
         self.lora_A = nn.ParameterDict(
@@ -73,8 +72,9 @@ class LoRALinear(nn.Linear):
         return h
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in)."""
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
+        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in), also inside autocast (which would make it bf16)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
 
     def merge(self) -> None:
         """W ← W0 + ΔW on each part. In fp32, then cast once; a second call changes nothing."""

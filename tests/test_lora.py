@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -267,3 +268,18 @@ def test_bf16_unmerge_drifts_by_at_most_a_rounding_step(tiny_model):
     W = tiny_model.transformer.h[0].attn.c_attn.weight
     drift = (W.float() - W0.float()).abs()
     assert (drift <= W0.float().abs() * 2**-7 + 1e-6 + 2**-7 * 0.05).all()
+
+
+def test_merging_inside_autocast_still_computes_delta_W_in_fp32(tiny_model):
+    """lab.multi_adapter --merge merges inside its bf16 autocast: ΔW must be the fp32 one, as outside it
+    (in bf16 it would move W by up to one bf16 step of ΔW, and greedy texts apart)."""
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, targets=tuple(TARGETS)))
+    randomize_B(tiny_model)
+    merged_outside = copy.deepcopy(tiny_model)
+    merge_lora(merged_outside)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merge_lora(tiny_model)
+        assert lora_layers(tiny_model)[0].delta_weight("q").dtype == torch.float32
+    expected = merged_outside.state_dict()
+    for name, weight in tiny_model.state_dict().items():
+        assert torch.equal(weight, expected[name]), name
