@@ -17,6 +17,27 @@ torch.set_num_threads(1)
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
+# On a CPU, --dtype auto is bfloat16 where torch reports native bf16 matmuls (utils.cpu_bf16_matmul), else
+# float32. FAKE_CPU_BF16=AMX, AVX512-BF16 or none runs the suite as on such a CPU: the answer torch gives
+# is faked in this process (scripts that a test runs as subprocesses see the real CPU).
+FAKE_CPU_BF16 = os.environ.get("FAKE_CPU_BF16")
+
+
+def pytest_configure(config):
+    if FAKE_CPU_BF16 not in (None, "AMX", "AVX512-BF16", "none"):
+        raise pytest.UsageError(f"FAKE_CPU_BF16={FAKE_CPU_BF16}: use AMX, AVX512-BF16 or none")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_bf16_matmul_as_asked():
+    if FAKE_CPU_BF16 is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: FAKE_CPU_BF16 == "AMX")
+        patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: FAKE_CPU_BF16 == "AVX512-BF16")
+        yield
+
 
 @pytest.fixture
 def tiny_model() -> GPT:

@@ -77,14 +77,16 @@ def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
     assert trained.config.n_embd == 32
 
 
-def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder, dtype):
+    """The frozen base is the base, bit for bit: in fp32, or cast once to bf16 (LoRA's 16-bit base)."""
     out = str(tmp_path / "out")
-    run = ["--base", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
+    run = ["--base", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5", "--dtype", dtype]
     model = train.main([*run, "--data", char_data, "--run-dir", out])
     base = GPT.from_pretrained(base_folder).state_dict()
     trained = model.state_dict()
     for key, weight in base.items():
-        assert torch.equal(trained[key], weight), key
+        assert torch.equal(trained[key], weight.to(getattr(torch, dtype))), key
 
     tensors, metadata = read_adapter(os.path.join(out, "adapter.safetensors"))
     assert set(tensors) == {k for k in trained if ".lora_A." in k or ".lora_B." in k}
@@ -211,6 +213,8 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
         "4",
         "--eval-interval",
         "4",
+        "--dtype",
+        "float32",  # pinned: a subprocess sees the real CPU, whatever conftest fakes
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
