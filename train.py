@@ -20,6 +20,7 @@ import os
 import pickle
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -427,6 +428,9 @@ def save_checkpoint(
 
 def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     """train_state.pt, refusing anything that is not a whole state written by this script for these settings."""
+    if not zipfile.is_zipfile(path):  # an empty or cut-short file, before torch.load misreads it
+        what = "empty" if os.path.getsize(path) == 0 else "truncated or corrupt"
+        raise ValueError(f"{path} is {what}: not the whole zip archive that train.py's torch.save writes")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

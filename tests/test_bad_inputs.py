@@ -117,6 +117,7 @@ def both(*setups: Setup) -> Setup:
 PEFT_A = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
 PEFT_B = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
 NOT_UTF8 = b"caf\xe9 \xff\xfe\n" * 4
+TINY_SCRATCH = ("--data", "{fx}/data", "--base", "scratch", "--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--device", "cpu")  # fmt: skip
 
 # ---- the table -----------------------------------------------------------------------------------
 
@@ -187,6 +188,8 @@ CASES = [
     Case("train-unknown-target", "train.py", ("--targets", "q,query"), ("unknown LoRA target", "query")),
     Case("train-unknown-device", "train.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
     Case("train-heads-do-not-divide", "train.py", ("--data", "{fx}/data", "--base", "scratch", "--n-head", "5", "--n-embd", "16", "--block-size", "8"), ("n_embd 16", "n_head 5")),
+    Case("train-resume-empty-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is empty",), files({"run/train_state.pt": b""})),
+    Case("train-resume-one-byte-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is truncated or corrupt",), files({"run/train_state.pt": b"\x80"})),
 ]
 # fmt: on
 

@@ -312,8 +312,10 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 @pytest.mark.parametrize(
     "content, message",
     [
+        (b"", "train_state.pt is empty"),
         (b"PK\x03\x04 not really a zip", "is truncated or corrupt"),
         ("truncate", "is truncated or corrupt"),
+        ("one byte", "is truncated or corrupt"),  # was misread as a pickle of Python objects
         ("code", "holds Python objects, not only tensors: it is not a state written by train.py"),
     ],
 )
@@ -322,8 +324,8 @@ def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, conten
     run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--run-dir", str(out)]
     train.main(run)
     state = out / "train_state.pt"
-    if content == "truncate":
-        state.write_bytes(state.read_bytes()[:1000])
+    if content in ("truncate", "one byte"):
+        state.write_bytes(state.read_bytes()[: 1000 if content == "truncate" else 1])
     elif content == "code":
         torch.save({"step": 2, "settings": Killed()}, state)  # an object, unpickled only by running code
     else:
