@@ -442,9 +442,13 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
     if not isinstance(state, dict) or any(key not in state for key in keys):
         raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
-    if state["settings"] != settings:
+    stored = state["settings"]
+    # its LoRA settings read as a LoRAConfig: an older run, without a field added since, resumes with its default
+    if isinstance(stored, dict) and stored.get("lora") is not None:
+        stored = stored | {"lora": asdict(LoRAConfig.from_dict(stored["lora"], path))}
+    if stored != settings:
         raise ValueError(
-            f"{path} was written by a run with {state['settings']}; resume it with the same "
+            f"{path} was written by a run with {stored}; resume it with the same "
             "--base, --rank, --alpha, --targets, --lora-dropout and --batching"
         )
     if len(state["rng"]) != world_size:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
@@ -106,6 +107,29 @@ def peft_folder(config: dict | None = None, tensors: Callable[[dict], dict] | No
     return setup
 
 
+def adapter_header(lora_config: str) -> Setup:
+    """`x.safetensors`: adapter a with the JSON text `lora_config` as the LoRA settings in its header."""
+
+    def setup(folder: Path, fx: Path) -> None:
+        with safe_open(fx / "a.safetensors", framework="pt") as f:
+            metadata = f.metadata()
+        save_file(load_file(fx / "a.safetensors"), folder / "x.safetensors", {**metadata, "lora_config": lora_config})
+
+    return setup
+
+
+def train_state(lora: dict) -> Setup:
+    """`run/train_state.pt`: a state as train.py writes it, for a TINY_SCRATCH run with these stored LoRA settings."""
+
+    def setup(folder: Path, fx: Path) -> None:
+        settings = {"base": "scratch", "scratch_shape": [1, 2, 8, 8], "lora": lora, "batching": "packed"}
+        state = {"step": 1, "trained": {}, "optimizer": {}, "scaler": {}, "rng": [{}], "settings": settings}
+        (folder / "run").mkdir()
+        torch.save(state, folder / "run" / "train_state.pt")
+
+    return setup
+
+
 def both(*setups: Setup) -> Setup:
     def setup(folder: Path, fx: Path) -> None:
         for one in setups:
@@ -148,6 +172,8 @@ CASES = [
     Case("sample-adapter-not-safetensors", "sample.py", ("--adapter", "a.safetensors"), ("a.safetensors is not a safetensors file",), files({"a.safetensors": "plain text"})),
     Case("sample-adapter-is-a-model", "sample.py", ("--adapter", "{fx}/base/model.safetensors"), ("model.safetensors is not an adapter",)),
     Case("sample-base-too-small-vocab", "sample.py", ("--base", "{fx}/small"), ("vocabulary (101)",)),
+    Case("sample-adapter-unknown-lora-setting", "sample.py", ("--adapter", "x.safetensors"), ("x.safetensors has LoRA settings", "use_rslora"), adapter_header('{"rank": 2, "alpha": 4, "use_rslora": true}')),
+    Case("sample-adapter-lora-alpha-not-a-number", "sample.py", ("--adapter", "x.safetensors"), ("x.safetensors has LoRA settings", "alpha must be > 0, got 'x'"), adapter_header('{"rank": 2, "alpha": "x"}')),
     Case("sample-adapter-of-other-shape", "sample.py", ("--adapter", "{fx}/a.safetensors", "--base", "{fx}/small"), ("a.safetensors was trained on another base",)),
     # sample.py: prompts and flags
     Case("sample-prompt-file-missing", "sample.py", ("--base", "{fx}/base", "--prompt", "FILE:nope.txt"), ("--prompt FILE:nope.txt", "no such file")),
@@ -190,6 +216,7 @@ CASES = [
     Case("train-heads-do-not-divide", "train.py", ("--data", "{fx}/data", "--base", "scratch", "--n-head", "5", "--n-embd", "16", "--block-size", "8"), ("n_embd 16", "n_head 5")),
     Case("train-resume-empty-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is empty",), files({"run/train_state.pt": b""})),
     Case("train-resume-one-byte-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is truncated or corrupt",), files({"run/train_state.pt": b"\x80"})),
+    Case("train-resume-unknown-lora-setting", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("train_state.pt has LoRA settings", "use_rslora"), train_state({"rank": 4, "alpha": 8.0, "targets": ["q", "v"], "use_rslora": True})),
 ]
 # fmt: on
 

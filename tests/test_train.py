@@ -338,6 +338,28 @@ def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, conten
     assert state.read_bytes() == before
 
 
+def test_resume_reads_the_stored_lora_settings_as_a_lora_config(tmp_path, char_data):
+    """A field added to LoRAConfig with a default must not refuse the runs written before it; a stored
+    setting this lora.py does not know is one line."""
+    out = tmp_path / "out"
+    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--eval-interval", "2", "--run-dir", str(out)]
+    train.main([*run, "--max-iters", "2"])
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    del state["settings"]["lora"]["dropout"]  # as a lora.py from before LoRAConfig had dropout wrote it
+    torch.save(state, out / "train_state.pt")
+    train.main([*run, "--max-iters", "4", "--resume"])
+    assert [r["step"] for r in read_log(out)] == [0, 2, 4]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    state["settings"]["lora"]["use_rslora"] = True  # from a lora.py with a field this one lacks
+    torch.save(state, out / "train_state.pt")
+    with pytest.raises(SystemExit) as exit:
+        train.main([*run, "--max-iters", "6", "--resume"])
+    assert str(exit.value).startswith("train.py: error: ") and "\n" not in str(exit.value)
+    assert "train_state.pt has LoRA settings this lora.py cannot read" in str(exit.value) and "use_rslora" in str(
+        exit.value
+    )
+
+
 def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path):
     first, second = [1, 2, 3, 4, 5, 6, 100], [7, 8, 4, 9, 10, 11, 12, 100]  # contexts of 4 and 3 tokens
     tokens = np.array(first + second + first, dtype=np.uint16)
