@@ -92,17 +92,21 @@ def checkpoint(config: dict | None = None, config_text: str | None = None, weigh
     return setup
 
 
-def peft_folder(config: dict | None = None, tensors: Callable[[dict], dict] | None = None) -> Setup:
+def peft_folder(
+    config: dict | None = None, tensors: Callable[[dict], dict] | None = None, header: str | None = None
+) -> Setup:
     """`peft/`: the PEFT export of adapter a (q,v, r = 2), its adapter_config.json updated by
-    `config`; `tensors` edits its tensors, then saved as PEFT saves them (without our header)."""
+    `config`; `tensors` edits its tensors, then saved as PEFT saves them (without our header), or
+    with `header` as our LoRA settings in it."""
 
     def setup(folder: Path, fx: Path) -> None:
         shutil.copytree(fx / "peft", folder / "peft")
         config_path = folder / "peft" / "adapter_config.json"
         weights_path = folder / "peft" / "adapter_model.safetensors"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **(config or {})}))
-        if tensors is not None:
-            save_file(tensors(load_file(weights_path)), weights_path)
+        if tensors is not None or header is not None:
+            metadata = {"format": "pt", "lora_py_config": header} if header is not None else None
+            save_file((tensors or dict)(load_file(weights_path)), weights_path, metadata)
 
     return setup
 
@@ -205,6 +209,7 @@ CASES = [
     Case("peft-missing-lora-b", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("lora_B", "layer 0"), peft_folder(tensors=lambda t: {k: v for k, v in t.items() if k != PEFT_B})),
     Case("peft-lora-b-wrong-shape", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("lora_B", "(24, 3)"), peft_folder(tensors=lambda t: {**t, PEFT_B: t[PEFT_B][:, :3].contiguous()})),
     Case("peft-rank-not-as-configured", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("rank 4", "says 2"), peft_folder({"rank_pattern": {}, "alpha_pattern": {}}, tensors=dict)),
+    Case("peft-header-unknown-lora-setting", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("adapter_model.safetensors has LoRA settings", "use_rslora"), peft_folder(header='{"rank": 2, "alpha": 4, "targets": ["q", "v"], "use_rslora": true}')),
     Case("peft-export-out-is-file", "lab.peft_interop", ("export", "{fx}/a.safetensors", "--out", "notes.txt"), ("--out notes.txt", "not a folder"), files({"notes.txt": "x"})),
     # bench.py: flags are checked before any measuring
     Case("bench-unknown-device", "bench.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
