@@ -9,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lora import LoRALinear  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The test models are tiny: one thread is fastest, and on a busy CPU (CI runners, shared machines)
@@ -72,3 +73,15 @@ def load_hf(folder: str):
     import transformers
 
     return transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def keep_lora_only_on(model: GPT, kept: set[tuple[int, str]]) -> GPT:
+    """A learner's "only some blocks": the plain nn.Linear (same weight) back on each (block, module) not kept."""
+    for index, block in enumerate(model.transformer.h):
+        for name, layer in list(block.named_modules()):
+            if isinstance(layer, LoRALinear) and (index, name) not in kept:
+                plain = torch.nn.Linear(layer.in_features, layer.out_features)
+                plain.weight, plain.bias = layer.weight, layer.bias
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, plain)
+    return model

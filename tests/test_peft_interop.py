@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import TINY, load_hf
+from conftest import TINY, keep_lora_only_on, load_hf
 from lab import peft_interop
 from lab.peft_interop import ADAPTABLE, export_peft, import_peft, main
-from lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, read_adapter, save_adapter
+from lora import LoRAConfig, apply_lora, lora_layers, read_adapter, save_adapter
 from model import GPT
 
 peft = pytest.importorskip("peft")
@@ -175,18 +175,6 @@ def test_a_new_scaling_is_refused_until_declared_then_exported_from_the_configs_
     theirs, _ = peft_logits(hf_folder, str(tmp_path / "peft"))
     assert (theirs - ours(tokens())[0]).abs().max().item() <= 1e-4
     assert config["lora_alpha"] == 4 * 8 / 2 and config["alpha_pattern"] == {"attn.c_attn": 8 * 8 / 2}  # R·α/√r
-
-
-def keep_lora_only_on(model: GPT, kept: set[tuple[int, str]]) -> GPT:
-    """A learner's "only some blocks": the plain nn.Linear (same weight) back on each (block, module) not kept."""
-    for index, block in enumerate(model.transformer.h):
-        for name, layer in list(block.named_modules()):
-            if isinstance(layer, LoRALinear) and (index, name) not in kept:
-                plain = torch.nn.Linear(layer.in_features, layer.out_features)
-                plain.weight, plain.bias = layer.weight, layer.bias
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, plain)
-    return model
 
 
 def test_an_adapter_of_some_blocks_exports_the_blocks_it_has(hf_folder, tmp_path, capsys):
