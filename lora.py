@@ -167,7 +167,7 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
         for module_name, parts in parts_by_module.items():
             parent_name, _, child_name = module_name.rpartition(".")
             base = block.get_submodule(module_name)
-            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, config))
+            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, config).train(base.training))
     model.lora_config = config
     return model
 

@@ -109,6 +109,16 @@ def test_trainable_count_is_sum_of_r_times_din_plus_dout(targets, expected):
     assert parameter_summary(model).startswith(f"trainable {expected:,} / total {124_439_808 + expected:,}")
 
 
+def test_lora_put_into_a_model_in_eval_mode_is_in_eval_mode(tiny_model):
+    """load_adapter on `GPT.from_pretrained(...).eval()` must not sample with the adapter's dropout on."""
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, dropout=0.5))
+    randomize_B(tiny_model)
+    idx = tokens()
+    assert not any(m.training for m in tiny_model.modules())
+    assert torch.equal(tiny_model(idx)[0], tiny_model(idx)[0])
+    assert any(m.training for m in apply_lora(GPT(TINY), LoRAConfig(dropout=0.5)).modules())  # train mode stays
+
+
 def test_merged_equals_unmerged_and_unmerge_restores_W0(tiny_model):
     W0 = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     apply_lora(tiny_model, LoRAConfig(rank=4, alpha=16, targets=("q", "k", "v", "o", "mlp")))
