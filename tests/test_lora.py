@@ -1,10 +1,13 @@
 import copy
 import os
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, load_hf
+from lab.analysis import adapted_matrices, amplification_tables, similarity
+from lab.peft_interop import EXPORTED_SETTINGS, export_peft
 from lora import (
     TARGETS,
     LoRAConfig,
@@ -293,3 +296,52 @@ def test_merging_inside_autocast_still_computes_delta_W_in_fp32(tiny_model):
     expected = merged_outside.state_dict()
     for name, weight in tiny_model.state_dict().items():
         assert torch.equal(weight, expected[name]), name
+
+
+# a value other than the default for each LoRAConfig field: a field added to LoRAConfig needs one here
+NON_DEFAULT = {"rank": 3, "alpha": 5.0, "targets": ("k", "o", "mlp"), "dropout": 0.1}
+
+
+def test_every_lora_setting_has_a_value_to_try():
+    assert NON_DEFAULT.keys() == {f.name for f in fields(LoRAConfig)}
+    assert all(getattr(LoRAConfig(), name) != value for name, value in NON_DEFAULT.items())
+
+
+@pytest.mark.parametrize("setting", sorted(NON_DEFAULT))
+def test_each_lora_setting_survives_files_merging_the_peft_export_and_the_analysis(hf_folder, tmp_path, setting):
+    """Each field set to something other than its default in turn, through everything that reads a LoRAConfig."""
+    peft = pytest.importorskip("peft")
+    config = replace(LoRAConfig(), **{setting: NON_DEFAULT[setting]})
+    model = apply_lora(GPT.from_pretrained(hf_folder).eval(), config)
+    randomize_B(model)
+    idx = tokens()
+    expected, _ = model(idx)
+
+    path = str(tmp_path / "adapter.safetensors")  # save -> load: the same config and outputs
+    save_adapter(model, path)
+    loaded = GPT.from_pretrained(hf_folder).eval()
+    assert load_adapter(loaded, path) == config and torch.equal(loaded(idx)[0], expected)
+
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}  # merge -> unmerge
+    merge_lora(model)
+    assert (model(idx)[0] - expected).abs().max().item() <= 1e-5
+    unmerge_lora(model)
+    assert all((model.state_dict()[k] - v).abs().max().item() <= 1e-6 for k, v in W0.items())
+
+    if setting in EXPORTED_SETTINGS:  # the PEFT export: exact against PEFT, or one line refusing
+        export_peft(path, str(tmp_path / "peft"))
+        theirs = peft.PeftModel.from_pretrained(load_hf(hf_folder), str(tmp_path / "peft")).eval()
+        assert (theirs(idx).logits - expected).abs().max().item() <= 1e-4
+    else:
+        with pytest.raises(ValueError, match=f"does not support the LoRA setting\\(s\\) {setting} of this adapter"):
+            export_peft(path, str(tmp_path / "peft"))
+
+    matrices = adapted_matrices(read_adapter(path)[0])  # the analysis: against itself φ = 1, and Table 7's ΔW
+    records, _, notes = similarity(path, path, layers="all")
+    assert [(r["layer"], r["matrix"]) for r in records] == list(matrices) and not notes
+    assert all(torch.allclose(r["phi"], torch.ones_like(r["phi"])) for r in records)
+    rows = amplification_tables([path], None, "all", "all", seed=0)
+    assert [(r["layer"], r["matrix"]) for r in rows] == list(matrices)
+    for row in rows:
+        A, B = matrices[(row["layer"], row["matrix"])]
+        assert row["‖ΔW‖_F"] == pytest.approx((config.scaling * B.double() @ A.double()).norm().item(), rel=1e-6)
