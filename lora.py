@@ -147,7 +147,7 @@ class LoRAConfig:
         """The config asdict() wrote to `where`; a setting added since then takes its default."""
         try:
             return cls(**settings)
-        except (TypeError, ValueError) as e:  # TypeError: a setting unknown here, or not a dict at all
+        except (TypeError, ValueError) as e:  # TypeError: an unknown setting, a value of the wrong type, no dict
             raise ValueError(f"{where} has LoRA settings this lora.py cannot read ({e})") from None
 
 
