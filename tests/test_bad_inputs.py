@@ -176,7 +176,6 @@ CASES = [
     Case("sample-adapter-not-safetensors", "sample.py", ("--adapter", "a.safetensors"), ("a.safetensors is not a safetensors file",), files({"a.safetensors": "plain text"})),
     Case("sample-adapter-is-a-model", "sample.py", ("--adapter", "{fx}/base/model.safetensors"), ("model.safetensors is not an adapter",)),
     Case("sample-base-too-small-vocab", "sample.py", ("--base", "{fx}/small"), ("vocabulary (101)",)),
-    Case("sample-adapter-unknown-lora-setting", "sample.py", ("--adapter", "x.safetensors"), ("x.safetensors has LoRA settings", "use_rslora"), adapter_header('{"rank": 2, "alpha": 4, "use_rslora": true}')),
     Case("sample-adapter-lora-alpha-not-a-number", "sample.py", ("--adapter", "x.safetensors"), ("x.safetensors has LoRA settings", "alpha must be > 0, got 'x'"), adapter_header('{"rank": 2, "alpha": "x"}')),
     Case("sample-adapter-of-other-shape", "sample.py", ("--adapter", "{fx}/a.safetensors", "--base", "{fx}/small"), ("a.safetensors was trained on another base",)),
     # sample.py: prompts and flags
