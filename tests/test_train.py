@@ -354,10 +354,9 @@ def test_resume_reads_the_stored_lora_settings_as_a_lora_config(tmp_path, char_d
     torch.save(state, out / "train_state.pt")
     with pytest.raises(SystemExit) as exit:
         train.main([*run, "--max-iters", "6", "--resume"])
-    assert str(exit.value).startswith("train.py: error: ") and "\n" not in str(exit.value)
-    assert "train_state.pt has LoRA settings this lora.py cannot read" in str(exit.value) and "use_rslora" in str(
-        exit.value
-    )
+    message = str(exit.value)
+    assert message.startswith("train.py: error: ") and "\n" not in message and "use_rslora" in message
+    assert "train_state.pt has LoRA settings this lora.py cannot read" in message
 
 
 def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path):
