@@ -125,10 +125,10 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
 
 def similarity(
     path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "all"
-) -> tuple[list[dict], list[dict], list[str]]:
+) -> tuple[list[dict], list[dict]]:
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
-    dim (of the space the subspaces live in), phi (r1 × r2)}; the two files' metadata; and a note for
-    each requested (layer, matrix) that only one of them adapts."""
+    dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata, each with
+    `not_compared`: the requested (layer, matrix) pairs that the other adapts and this one does not."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
     if meta1["base_config"] != meta2["base_config"] or not same_weights(
         meta1["base_fingerprint"], meta2["base_fingerprint"]
@@ -143,18 +143,28 @@ def similarity(
         names1, names2 = (", ".join(dict.fromkeys(name for _, name in m)) for m in (matrices1, matrices2))
         raise ValueError(f"{path1} adapts {names1} and {path2} adapts {names2}: no matrix in common to compare")
     scalings = [m["lora_config"].scaling for m in (meta1, meta2)]
-    records, notes = [], []
+    records, meta1["not_compared"], meta2["not_compared"] = [], [], []
     for layer, name in select(in_order([*matrices1, *matrices2]), meta1["base_config"]["n_layer"], layers, targets):
         if (layer, name) not in matrices1 or (layer, name) not in matrices2:
-            lacking = path1 if (layer, name) not in matrices1 else path2
-            notes.append(f"layer {layer} {name}: {lacking} has no update there, not compared")
+            (meta1 if (layer, name) not in matrices1 else meta2)["not_compared"].append((layer, name))
             continue
         U1 = subspace_basis(*matrices1[(layer, name)], scalings[0], of)
         U2 = subspace_basis(*matrices2[(layer, name)], scalings[1], of)
         records.append(dict(layer=layer, matrix=name, dim=U1.shape[0], phi=subspace_similarity(U1, U2)))
     if not records:
-        raise ValueError(f"no matrix asked for is adapted by both: {'; '.join(notes)}")
-    return records, [meta1, meta2], notes
+        raise ValueError(
+            f"no matrix asked for is adapted by both: {'; '.join(not_compared((path1, path2), [meta1, meta2]))}"
+        )
+    return records, [meta1, meta2]
+
+
+def not_compared(paths: tuple[str, str], metadata: list[dict]) -> list[str]:
+    """A line for each (layer, matrix) that `similarity` left out, naming the adapter without it."""
+    return [
+        f"layer {layer} {name}: {path} has no update there, not compared"
+        for path, m in zip(paths, metadata)
+        for layer, name in m["not_compared"]
+    ]
 
 
 def plot_similarity(records: list[dict], labels: tuple[str, str], of: str, path: str) -> None:
@@ -285,7 +295,8 @@ def format_table(results: list[dict]) -> str:
 def run_similarity(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file, not a folder: give a folder for the PNGs and similarity.json")
-    records, metadata, notes = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
+    records, metadata = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
+    notes = not_compared((args.adapter1, args.adapter2), metadata)
     labels = tuple(f"r = {m['lora_config'].rank}" for m in metadata)
     if labels[0] == labels[1]:
         labels = ("adapter 1", "adapter 2")

@@ -337,8 +337,8 @@ def test_each_lora_setting_survives_files_merging_the_peft_export_and_the_analys
             export_peft(path, str(tmp_path / "peft"))
 
     matrices = adapted_matrices(read_adapter(path)[0])  # the analysis: against itself φ = 1, and Table 7's ΔW
-    records, _, notes = similarity(path, path, layers="all")
-    assert [(r["layer"], r["matrix"]) for r in records] == list(matrices) and not notes
+    records, metadata = similarity(path, path, layers="all")
+    assert [(r["layer"], r["matrix"]) for r in records] == list(matrices) and not metadata[0]["not_compared"]
     assert all(torch.allclose(r["phi"], torch.ones_like(r["phi"])) for r in records)
     rows = amplification_tables([path], None, "all", "all", seed=0)
     assert [(r["layer"], r["matrix"]) for r in rows] == list(matrices)
