@@ -5,11 +5,10 @@ low-rank product ΔW = B·A, with B (d_out × r), A (r × d_in) and r ≪ min(d_
 
     h = W0·x + ΔW·x = W0·x + (α/r)·B·A·x                                    (paper, eq. 3)
 
-A starts random and B at zero, so ΔW = 0 and the adapted model equals the base at step 0. The
-scaling α/r keeps the size of the update roughly independent of r, so α needs no retuning when r
-changes. After training, W = W0 + (α/r)·B·A can be computed once ("merged"), and inference costs
-exactly what the base costs (§4.1, "No Additional Inference Latency"); subtracting it again
-recovers W0, so one base serves many tasks by swapping small adapters.
+A starts random and B at zero, so ΔW = 0 and the adapted model equals the base at step 0. The scaling α/r keeps
+the size of the update roughly independent of r, so α needs no retuning when r changes. After training,
+W = W0 + (α/r)·B·A can be computed once ("merged"), and inference costs exactly what the base costs (§4.1, "No
+Additional Inference Latency"); subtracting it again recovers W0: one base serves many tasks by swapping adapters.
 
 This file reads in that order: the layer (eq. 3), the settings, injection by exact name (§4.2),
 merge/unmerge, adapter files. Several adapters in one batch: lab/multi_adapter.py.
@@ -22,7 +21,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +44,7 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate none
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.parts = parts
-        self.scaling = config.scaling
+        self.parts, self.scaling = parts, config.scaling
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         r, rows = config.rank, {name: part.stop - part.start for name, part in parts.items()}
         self.lora_A = nn.ParameterDict(
@@ -73,8 +71,9 @@ class LoRALinear(nn.Linear):
         return h
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in)."""
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
+        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in), also inside autocast (which would make it bf16)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
 
     def merge(self) -> None:
         """W ← W0 + ΔW on each part. In fp32, then cast once; a second call changes nothing."""
@@ -128,9 +127,9 @@ class LoRAConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
-        if self.alpha <= 0:
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
@@ -143,6 +142,14 @@ class LoRAConfig:
         """α/r (§4.1): the factor on B·A."""
         return self.alpha / self.rank
 
+    @classmethod
+    def from_dict(cls, settings: dict, where: str) -> LoRAConfig:
+        """The config asdict() wrote to `where`; a setting added since then takes its default."""
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as e:  # TypeError: an unknown setting, a value of the wrong type, no dict
+            raise ValueError(f"{where} has LoRA settings this lora.py cannot read ({e})") from None
+
 
 def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
     """Freeze every parameter of `model`, then wrap the targeted projections of every block in
@@ -150,8 +157,7 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
     config = config or LoRAConfig()
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("this model already has LoRA layers")
-    for p in model.parameters():
-        p.requires_grad = False
+    model.requires_grad_(False)
     for block in model.transformer.h:
         parts_by_module: dict[str, dict[str, slice]] = {}
         for name in config.targets:
@@ -161,7 +167,7 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
         for module_name, parts in parts_by_module.items():
             parent_name, _, child_name = module_name.rpartition(".")
             base = block.get_submodule(module_name)
-            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, config))
+            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, config).train(base.training))
     model.lora_config = config
     return model
 
@@ -222,8 +228,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: GPT) -> dict[str, list[float]]:
-    """The fingerprint of the frozen base (W0 for the adapted weights; lm_head is wte), which
-    `check_adapter_fits` compares with `same_weights`."""
+    """The fingerprint of the frozen base (W0 of the adapted weights; lm_head is wte), for `check_adapter_fits`."""
     raw = unwrap(model)
     with unmerged(raw), torch.no_grad():
         base = {k: v for k, v in raw.state_dict().items() if ".lora_" not in k and ".bank_" not in k}
@@ -239,14 +244,12 @@ def save_adapter(model: GPT, path: str) -> None:
         "base_config": json.dumps(config_dict(raw.config)),
         "base_fingerprint": json.dumps(base_fingerprint(raw)),
     }
-    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(raw).items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous() for k, v in lora_state_dict(raw).items()}, tmp, metadata=metadata)
 
 
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of an adapter file; metadata's JSON fields decoded, its
-    `lora_config` a LoRAConfig."""
+    """(tensors, metadata) of an adapter file: its JSON metadata decoded, `lora_config` a LoRAConfig."""
     with open_safetensors(path) as f:
         raw_metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -257,10 +260,7 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         metadata = {k: json.loads(v) if k != "base" else v for k, v in raw_metadata.items()}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} has metadata that is not JSON ({e})") from None
-    unknown = sorted(set(metadata["lora_config"]) - {f.name for f in fields(LoRAConfig)})
-    if unknown:
-        raise ValueError(f"{path} has LoRA settings this lora.py does not know: {', '.join(unknown)}")
-    metadata["lora_config"] = LoRAConfig(**metadata["lora_config"])
+    metadata["lora_config"] = LoRAConfig.from_dict(metadata["lora_config"], path)
     return tensors, metadata
 
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -427,6 +428,9 @@ def save_checkpoint(
 
 def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     """train_state.pt, refusing anything that is not a whole state written by this script for these settings."""
+    if not zipfile.is_zipfile(path):  # an empty or cut-short file, before torch.load misreads it
+        what = "empty" if os.path.getsize(path) == 0 else "truncated or corrupt"
+        raise ValueError(f"{path} is {what}: not the whole zip archive that train.py's torch.save writes")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -438,9 +442,13 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
     if not isinstance(state, dict) or any(key not in state for key in keys):
         raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
-    if state["settings"] != settings:
+    stored = state["settings"]
+    # its LoRA settings read as a LoRAConfig: an older run, without a field added since, resumes with its default
+    if isinstance(stored, dict) and stored.get("lora") is not None:
+        stored = stored | {"lora": asdict(LoRAConfig.from_dict(stored["lora"], path))}
+    if stored != settings:
         raise ValueError(
-            f"{path} was written by a run with {state['settings']}; resume it with the same "
+            f"{path} was written by a run with {stored}; resume it with the same "
             "--base, --rank, --alpha, --targets, --lora-dropout and --batching"
         )
     if len(state["rng"]) != world_size:

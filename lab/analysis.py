@@ -55,14 +55,18 @@ def matrix_name(module: str, target: str) -> str:
 MATRICES = [matrix_name(where.module, target) for target, places in TARGETS.items() for where in places]
 
 
+def in_order(keys) -> list[tuple[int, str]]:
+    """(layer, matrix name) pairs, each once, by layer, then q, k, v, o, mlp.c_fc, mlp.c_proj."""
+    return sorted(set(keys), key=lambda key: (key[0], MATRICES.index(key[1])))
+
+
 def adapted_matrices(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """{(layer, matrix name): (A, B)} from an adapter's tensors (`transformer.h.0.attn.c_attn.lora_A.q`...)."""
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, module, which, target = parse_adapter_key(key)
         found.setdefault((layer, matrix_name(module, target)), {})[which] = tensor
-    in_order = sorted(found, key=lambda key: (key[0], MATRICES.index(key[1])))  # q, k, v, o, mlp.c_fc, mlp.c_proj
-    return {key: (found[key]["A"], found[key]["B"]) for key in in_order}
+    return {key: (found[key]["A"], found[key]["B"]) for key in in_order(found)}
 
 
 def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str) -> list[tuple[int, str]]:
@@ -123,7 +127,8 @@ def similarity(
     path1: str, path2: str, of: str = "A", layers: str = "-1", targets: str = "all"
 ) -> tuple[list[dict], list[dict]]:
     """φ for each requested (layer, matrix) that both adapters adapt, as records {layer, matrix,
-    dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata."""
+    dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata, each with
+    `not_compared`: the requested (layer, matrix) pairs that the other adapts and this one does not."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
     if meta1["base_config"] != meta2["base_config"] or not same_weights(
         meta1["base_fingerprint"], meta2["base_fingerprint"]
@@ -138,12 +143,28 @@ def similarity(
         names1, names2 = (", ".join(dict.fromkeys(name for _, name in m)) for m in (matrices1, matrices2))
         raise ValueError(f"{path1} adapts {names1} and {path2} adapts {names2}: no matrix in common to compare")
     scalings = [m["lora_config"].scaling for m in (meta1, meta2)]
-    records = []
-    for layer, name in select(common, meta1["base_config"]["n_layer"], layers, targets):
+    records, meta1["not_compared"], meta2["not_compared"] = [], [], []
+    for layer, name in select(in_order([*matrices1, *matrices2]), meta1["base_config"]["n_layer"], layers, targets):
+        if (layer, name) not in matrices1 or (layer, name) not in matrices2:
+            (meta1 if (layer, name) not in matrices1 else meta2)["not_compared"].append((layer, name))
+            continue
         U1 = subspace_basis(*matrices1[(layer, name)], scalings[0], of)
         U2 = subspace_basis(*matrices2[(layer, name)], scalings[1], of)
         records.append(dict(layer=layer, matrix=name, dim=U1.shape[0], phi=subspace_similarity(U1, U2)))
+    if not records:
+        raise ValueError(
+            f"no matrix asked for is adapted by both: {'; '.join(not_compared((path1, path2), [meta1, meta2]))}"
+        )
     return records, [meta1, meta2]
+
+
+def not_compared(paths: tuple[str, str], metadata: list[dict]) -> list[str]:
+    """A line for each (layer, matrix) that `similarity` left out, naming the adapter without it."""
+    return [
+        f"layer {layer} {name}: {path} has no update there, not compared"
+        for path, m in zip(paths, metadata)
+        for layer, name in m["not_compared"]
+    ]
 
 
 def plot_similarity(records: list[dict], labels: tuple[str, str], of: str, path: str) -> None:
@@ -218,17 +239,20 @@ def weights_and_updates(model: GPT) -> dict[tuple[int, str], tuple[torch.Tensor,
 
 
 def amplification_tables(paths: list[str], base: str | None, layers: str, targets: str, seed: int) -> list[dict]:
-    """Table 7's numbers for each adapter and each requested (layer, matrix), W from `base` (default:
-    the base recorded in the adapters)."""
-    metadata = [read_adapter(path)[1] for path in paths]  # each file checked before the base loads
-    base = base or metadata[0]["base"]
+    """Table 7's numbers for each requested (layer, matrix) that any adapter adapts, one record per
+    adapter each, in the order of `paths` (without the numbers where that adapter has no update); W
+    from `base` (default: the base recorded in the adapters)."""
+    files = [read_adapter(path) for path in paths]  # each file checked before the base loads
+    base = base or files[0][1]["base"]
+    adapted = in_order(key for tensors, _ in files for key in adapted_matrices(tensors))
+    wanted = select(adapted, files[0][1]["base_config"]["n_layer"], layers, targets)
     results = []
     for path in paths:
         model = GPT.from_pretrained(base)  # a fresh base each: load_adapter injects LoRA in place
         config = load_adapter(model, path)  # refuses an adapter of another base
         pairs = weights_and_updates(model)
-        for layer, name in select(list(pairs), model.config.n_layer, layers, targets):
-            row = amplification(*pairs[(layer, name)], config.rank, seed)
+        for layer, name in wanted:
+            row = amplification(*pairs[(layer, name)], config.rank, seed) if (layer, name) in pairs else {}
             results.append(dict(adapter=path, rank=config.rank, layer=layer, matrix=name, **row))
     return results
 
@@ -244,16 +268,24 @@ TABLE7_ROWS = [
 
 
 def format_table(results: list[dict]) -> str:
-    """The paper's Table 7 layout: one column per adapter, one block per (layer, matrix)."""
+    """The paper's Table 7 layout: one column per adapter (in the order of the records), one block per
+    (layer, matrix), each number under its own adapter's heading; `none` where that adapter has no update."""
     width = max(len(label) for _, label in TABLE7_ROWS) + 2
-    lines = []
+    ranks = {r["adapter"]: r["rank"] for r in results}  # the columns
+    lines, has_none = [], False
     for layer, name in dict.fromkeys((r["layer"], r["matrix"]) for r in results):
-        columns = [r for r in results if (r["layer"], r["matrix"]) == (layer, name)]
+        block = {
+            r["adapter"]: r for r in results if (r["layer"], r["matrix"]) == (layer, name) and "amplification" in r
+        }
+        has_none |= len(block) < len(ranks)
         title = f"layer {layer}, W = {name}"
-        lines.append(f"{title:<{width}}" + "".join(f"{'r = ' + str(c['rank']):>10}" for c in columns))
+        lines.append(f"{title:<{width}}" + "".join(f"{'r = ' + str(rank):>10}" for rank in ranks.values()))
         for key, label in TABLE7_ROWS:
-            lines.append(f"{label:<{width}}" + "".join(f"{c[key]:>10.3f}" for c in columns))
+            cells = (f"{block[a][key]:>10.3f}" if a in block else f"{'none':>10}" for a in ranks)
+            lines.append(f"{label:<{width}}" + "".join(cells))
         lines.append("")
+    if has_none:
+        lines.append("none: that adapter has no update of that matrix in that layer")
     return "\n".join(lines).rstrip()
 
 
@@ -264,6 +296,7 @@ def run_similarity(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file, not a folder: give a folder for the PNGs and similarity.json")
     records, metadata = similarity(args.adapter1, args.adapter2, args.of, args.layers, args.targets)
+    notes = not_compared((args.adapter1, args.adapter2), metadata)
     labels = tuple(f"r = {m['lora_config'].rank}" for m in metadata)
     if labels[0] == labels[1]:
         labels = ("adapter 1", "adapter 2")
@@ -273,6 +306,8 @@ def run_similarity(args: argparse.Namespace) -> None:
             f"layer {r['layer']:>2} {r['matrix']:<10} φ(i, i), i = 1, 2, ...: {diagonal}   "
             f"(random subspaces: ≈ i/{r['dim']})"
         )
+    for note in notes:
+        print(f"note: {note}")
     os.makedirs(args.out, exist_ok=True)
     for layer in dict.fromkeys(r["layer"] for r in records):
         path = os.path.join(args.out, f"similarity-layer{layer}.png")
@@ -284,6 +319,7 @@ def run_similarity(args: argparse.Namespace) -> None:
         adapters=[args.adapter1, args.adapter2],
         ranks=[m["lora_config"].rank for m in metadata],
         results=[dict(r, phi=r["phi"].tolist()) for r in records],
+        not_compared=notes,
     )
     path = os.path.join(args.out, "similarity.json")
     with atomic_path(path) as tmp, open(tmp, "w") as f:

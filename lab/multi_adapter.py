@@ -62,7 +62,8 @@ class BankedLoRALinear(LoRALinear):
             A_per_row = self.bank_A[name][index]  # (B, r, d_in)
             B_per_row = self.bank_B[name][index]  # (B, d_rows, r)
             # eq. 3 with each row's own A and B, two batched matmuls: (B, T, d_in) -> (B, T, r) -> (B, T, d_rows)
-            h[..., rows] += (self.scaling * has_adapter) * (x @ A_per_row.transpose(1, 2) @ B_per_row.transpose(1, 2))
+            delta = self.scaling * (x @ A_per_row.transpose(1, 2) @ B_per_row.transpose(1, 2)) * has_adapter
+            h = h + nn.functional.pad(delta, (rows.start, self.out_features - rows.stop))  # out of place, as LoRALinear
         return h
 
 

@@ -13,10 +13,12 @@ c_attn (3C × C). Stacked, they are one PEFT LoRA of rank n·r on c_attn, n the 
     ΔW_c_attn = (α/r) · [B_q·A_q ; B_k·A_k ; B_v·A_v] = (α_peft / (n·r)) · B_peft · A_peft
 
 with A_peft = cat(A_q, A_v) (2r × C) for q,v, B_peft (3C × 2r) holding B_q in rows 0..C, columns
-0..r and B_v in rows 2C..3C, columns r..2r, zeros elsewhere, and α_peft = n·α so that α_peft / (n·r)
-= α/r. Exact: the same products, the same scaling. `o` is attn.c_proj and `mlp` is mlp.c_fc and
-mlp.c_proj, one part each: A and B are copied as they are. A c_attn rank that differs from the
-others goes into PEFT's `rank_pattern` / `alpha_pattern`.
+0..r and B_v in rows 2C..3C, columns r..2r, zeros elsewhere, and α_peft = (α/r)·n·r, from the
+config's own `scaling`, so that α_peft / (n·r) is our scaling whatever it is made of. Exact: the
+same products, the same scaling. `o` is attn.c_proj and `mlp` is mlp.c_fc and mlp.c_proj, one part
+each: A and B are copied as they are. A c_attn rank that differs from the others goes into PEFT's
+`rank_pattern` / `alpha_pattern`. Which modules of which blocks are adapted comes from the
+adapter's own tensors (PEFT's `target_modules` and `layers_to_transform`).
 
 Importing reverses this. A folder we exported says so in its safetensors header, and comes back
 tensor for tensor. Any other PEFT LoRA (made with PEFT's API, say) comes in exactly too, but wider:
@@ -47,7 +49,6 @@ from lab import command_line
 from lora import (
     TARGETS,
     LoRAConfig,
-    adapter_key,
     apply_lora,
     lora_state_dict,
     parse_adapter_key,
@@ -78,46 +79,63 @@ def modules_of(targets: tuple[str, ...]) -> list[str]:
 # ---- export: ours -> PEFT ---------------------------------------------------------------------------
 
 
+# LoRAConfig's fields that the export maps: whatever its `scaling` is made of becomes lora_alpha / R, the
+# tensors' own keys say which modules of which blocks are adapted, dropout is lora_dropout. A field added to
+# LoRAConfig, set to anything but its default, is refused until checked against PEFT and added here.
+EXPORTED_SETTINGS = {"rank", "alpha", "targets", "dropout"}
+
+
 def export_peft(adapter: str | GPT, folder: str) -> dict:
     """Write `folder/adapter_config.json` + `folder/adapter_model.safetensors` that PEFT loads onto
     transformers' GPT2LMHeadModel with the same outputs. `adapter`: an adapter file or a model with
     LoRA. Returns the PEFT config written."""
     if isinstance(adapter, str):
         tensors, metadata = read_adapter(adapter)
-        config, base = metadata["lora_config"], metadata["base"]
+        config, base, n_layer = metadata["lora_config"], metadata["base"], metadata["base_config"]["n_layer"]
     else:
         raw = unwrap(adapter)
         tensors = {k: v.detach().cpu() for k, v in lora_state_dict(raw).items()}
-        config, base = raw.lora_config, raw.name_or_path
-    understood = {"rank", "alpha", "targets", "dropout"}  # a setting added to LoRAConfig is refused until mapped here
-    odd = [f.name for f in fields(config) if f.name not in understood and getattr(config, f.name) != f.default]
+        config, base, n_layer = raw.lora_config, raw.name_or_path, raw.config.n_layer
+    odd = [f.name for f in fields(config) if f.name not in EXPORTED_SETTINGS and getattr(config, f.name) != f.default]
     if odd:
         raise ValueError(f"the PEFT export does not support the LoRA setting(s) {', '.join(odd)} of this adapter")
-    r, n_layer = config.rank, 1 + max(parse_adapter_key(k)[0] for k in tensors)
+    found: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}  # (block, module) -> target -> A and B
+    for key, tensor in tensors.items():
+        layer, module, matrix, target = parse_adapter_key(key)
+        found.setdefault((layer, module), {}).setdefault(target, {})[matrix] = tensor
+    if not found:
+        raise ValueError("the adapter holds no LoRA tensors: nothing to export")
+    layers = sorted({layer for layer, _ in found})
+    modules = modules_of(tuple(t for t in TARGETS if any(t in parts for parts in found.values())))
+    if set(found) != {(layer, module) for layer in layers for module in modules}:
+        raise ValueError(
+            "the PEFT export needs the same modules adapted in every adapted block (target_modules × "
+            f"layers_to_transform); this adapter adapts {', '.join(f'{m} of block {b}' for b, m in sorted(found))}"
+        )
     peft_tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    for module in modules_of(config.targets):
-        parts = parts_of(module, config.targets)
-        if len(parts) > 1:  # stacked q/k/v: rank n·r, alpha n·α, so that α_peft / R = α/r
-            rank_pattern[module], alpha_pattern[module] = len(parts) * r, len(parts) * config.alpha
-        for layer in range(n_layer):
-            prefix = f"transformer.h.{layer}.{module}"
-            rows = tensors[adapter_key(layer, module, "B", parts[0][0])].shape[0]  # each part: d_out / n_chunks rows
-            A = torch.cat([tensors[adapter_key(layer, module, "A", target)] for target, _, _ in parts])  # (n·r, d_in)
-            B = A.new_zeros(rows * parts[0][2], len(parts) * r)  # (d_out, n·r)
-            for column, (target, index, _) in enumerate(parts):
-                block_rows, block_columns = slice(index * rows, (index + 1) * rows), slice(column * r, (column + 1) * r)
-                B[block_rows, block_columns] = tensors[adapter_key(layer, module, "B", target)]
-            peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_A.weight"] = A.contiguous()
-            peft_tensors[f"{PEFT_PREFIX}{prefix}.lora_B.weight"] = B
+    for (layer, module), parts in sorted(found.items()):
+        stacked = parts_of(module, tuple(t for t in TARGETS if t in parts))  # (target, chunk, n_chunks): q, k, v
+        A = torch.cat([parts[target]["A"] for target, _, _ in stacked])  # (R, d_in), R the parts' ranks summed
+        rows = parts[stacked[0][0]]["B"].shape[0]  # each part: d_out / n_chunks rows
+        B, column = A.new_zeros(rows * stacked[0][2], A.shape[0]), 0  # (d_out, R)
+        for target, chunk, _ in stacked:
+            rank = parts[target]["B"].shape[1]
+            B[chunk * rows : (chunk + 1) * rows, column : column + rank] = parts[target]["B"]
+            column += rank
+        if A.shape[0] != config.rank:  # stacked q/k/v: alpha R·(α/r), so that PEFT's alpha / R is our scaling
+            rank_pattern[module], alpha_pattern[module] = A.shape[0], A.shape[0] * config.scaling
+        prefix = f"{PEFT_PREFIX}transformer.h.{layer}.{module}"
+        peft_tensors[f"{prefix}.lora_A.weight"], peft_tensors[f"{prefix}.lora_B.weight"] = A.contiguous(), B
     peft_config = dict(
         peft_type="LORA",
         task_type="CAUSAL_LM",
         base_model_name_or_path=HUB_ORGANISATION + base if base in PRETRAINED else base,
-        r=r,
-        lora_alpha=config.alpha,
+        r=config.rank,
+        lora_alpha=config.rank * config.scaling,  # PEFT's scaling is lora_alpha / r: ours, whatever it is made of
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        target_modules=modules_of(config.targets),
+        target_modules=modules,
+        layers_to_transform=None if layers == list(range(n_layer)) else layers,
         fan_in_fan_out=True,  # GPT-2's Conv1D
         lora_dropout=config.dropout,
         bias="none",
@@ -330,7 +348,7 @@ def import_peft(folder: str, base: str | GPT | None = None) -> GPT:
     if any(layer >= n_layer for layer, _ in pairs):
         raise ValueError(f"{folder} adapts layer {max(layer for layer, _ in pairs)}, but the base has {n_layer} layers")
     if ours is not None:  # our own export: undo the stacking
-        config = LoRAConfig(**ours)
+        config = LoRAConfig.from_dict(ours, f"{folder}/{WEIGHTS_FILE}")
     else:  # any PEFT LoRA: every part of a module gets its whole A; the widest rank for all
         adapted_modules = {module for _, module in pairs}
         targets = tuple(t for t, places in TARGETS.items() if any(where.module in adapted_modules for where in places))
@@ -405,9 +423,10 @@ def main(argv: list[str] | None = None) -> None:
             config = export_peft(args.adapter, args.out)
             ranks = {m: config["rank_pattern"].get(m, config["r"]) for m in config["target_modules"]}
             modules = ", ".join(f"{m} (rank {r})" for m, r in ranks.items())
+            blocks = config["layers_to_transform"]
             print(
-                f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}, "
-                f"base {config['base_model_name_or_path']}"
+                f"wrote {args.out}/{CONFIG_FILE} and {WEIGHTS_FILE}: PEFT LoRA on {modules}"
+                f"{f' of blocks {blocks}' if blocks else ''}, base {config['base_model_name_or_path']}"
             )
         else:
             model = import_peft(args.folder, args.base)

@@ -9,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lora import LoRALinear  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The test models are tiny: one thread is fastest, and on a busy CPU (CI runners, shared machines)
@@ -16,6 +17,27 @@ from model import GPT, GPTConfig  # noqa: E402
 torch.set_num_threads(1)
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
+
+# On a CPU, --dtype auto is bfloat16 where torch reports native bf16 matmuls (utils.cpu_bf16_matmul), else
+# float32. FAKE_CPU_BF16=AMX, AVX512-BF16 or none runs the suite as on such a CPU: the answer torch gives
+# is faked in this process (scripts that a test runs as subprocesses see the real CPU).
+FAKE_CPU_BF16 = os.environ.get("FAKE_CPU_BF16")
+
+
+def pytest_configure(config):
+    if FAKE_CPU_BF16 not in (None, "AMX", "AVX512-BF16", "none"):
+        raise pytest.UsageError(f"FAKE_CPU_BF16={FAKE_CPU_BF16}: use AMX, AVX512-BF16 or none")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_bf16_matmul_as_asked():
+    if FAKE_CPU_BF16 is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: FAKE_CPU_BF16 == "AMX")
+        patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: FAKE_CPU_BF16 == "AVX512-BF16")
+        yield
 
 
 @pytest.fixture
@@ -51,3 +73,15 @@ def load_hf(folder: str):
     import transformers
 
     return transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def keep_lora_only_on(model: GPT, kept: set[tuple[int, str]]) -> GPT:
+    """A learner's "only some blocks": the plain nn.Linear (same weight) back on each (block, module) not kept."""
+    for index, block in enumerate(model.transformer.h):
+        for name, layer in list(block.named_modules()):
+            if isinstance(layer, LoRALinear) and (index, name) not in kept:
+                plain = torch.nn.Linear(layer.in_features, layer.out_features)
+                plain.weight, plain.bias = layer.weight, layer.bias
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, plain)
+    return model

@@ -4,8 +4,17 @@ import math
 import pytest
 import torch
 
-from conftest import TINY
-from lab.analysis import adapted_matrices, amplification, main, subspace_basis, subspace_similarity
+from conftest import TINY, keep_lora_only_on
+from lab.analysis import (
+    TABLE7_ROWS,
+    adapted_matrices,
+    amplification,
+    amplification_tables,
+    format_table,
+    main,
+    subspace_basis,
+    subspace_similarity,
+)
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from model import GPT
 
@@ -219,6 +228,53 @@ def test_amplification_command_prints_table7(two_adapters, capsys):
     last_line = out.strip().splitlines()[-1]
     assert last_line.startswith("‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F")
     assert float(last_line.split()[-1]) == pytest.approx(row["amplification"], abs=1e-3)
+
+
+def test_amplification_lines_numbers_up_by_adapter_and_says_where_one_has_none(two_adapters, capsys):
+    """Adapters of other targets or other blocks: each number under its own adapter, `none` where it has none."""
+    tmp_path, (r2, r4) = two_adapters
+    q_only = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=3, targets=("q",)))
+    with torch.no_grad():
+        for layer in lora_layers(q_only):
+            layer.lora_B["q"].normal_()
+    save_adapter(q_only, str(tmp_path / "q.safetensors"))
+    main(["amplification", str(tmp_path / "q.safetensors"), r4, "--targets", "q,v"])
+    lines = capsys.readouterr().out.splitlines()
+    v_block = lines[lines.index(next(line for line in lines if line.startswith("layer 1, W = v"))) :]
+    assert v_block[0].split()[-6:] == ["r", "=", "3", "r", "=", "4"]  # both adapters head every block
+    expected = next(r for r in amplification_tables([r4], None, "-1", "v", 0))["amplification"]
+    assert v_block[6].split()[-2:] == ["none", f"{expected:.3f}"]  # r = 4's number in r = 4's column
+    assert lines[-1] == "none: that adapter has no update of that matrix in that layer"
+
+    # an adapter of the last block only, beside one of every block (records as amplification_tables gives them)
+    row = dict(zip([key for key, _ in TABLE7_ROWS], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    records = [
+        dict(adapter="last.safetensors", rank=2, layer=0, matrix="q"),
+        dict(adapter="every.safetensors", rank=4, layer=0, matrix="q", **row),
+        dict(adapter="last.safetensors", rank=2, layer=1, matrix="q", **row),
+        dict(adapter="every.safetensors", rank=4, layer=1, matrix="q", **{k: 10 * v for k, v in row.items()}),
+    ]
+    table = format_table(records).splitlines()
+    assert table[0].split()[-6:] == ["r", "=", "2", "r", "=", "4"] and table[6].split()[-2:] == ["none", "6.000"]
+    assert table[8].split()[-6:] == ["r", "=", "2", "r", "=", "4"] and table[14].split()[-2:] == ["6.000", "60.000"]
+
+
+def test_similarity_of_an_adapter_of_some_blocks_compares_the_blocks_both_have(two_adapters, capsys):
+    tmp_path, (r2, r4) = two_adapters
+    last_block = apply_lora(GPT.from_pretrained(str(tmp_path / "base")), LoRAConfig(rank=2, targets=("q", "v")))
+    path = str(tmp_path / "last-block.safetensors")
+    save_adapter(keep_lora_only_on(last_block, {(1, "attn.c_attn")}), path)
+    main(["similarity", path, r4, "--layers", "all", "--targets", "q", "--out", str(tmp_path / "analysis")])
+    summary = json.load(open(tmp_path / "analysis" / "similarity.json"))
+    assert [(r["layer"], r["matrix"]) for r in summary["results"]] == [(1, "q")]
+    assert summary["not_compared"] == [f"layer 0 q: {path} has no update there, not compared"]
+    assert f"note: layer 0 q: {path} has no update there" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no matrix asked for is adapted by both: layer 0 q"):
+        main(["similarity", path, r4, "--layers", "0", "--targets", "q"])
+    with pytest.raises(
+        SystemExit, match="holds other LoRA tensors than this model's LoRA"
+    ):  # load_adapter: every block
+        main(["amplification", path])
 
 
 def test_bad_input_is_one_clear_error(two_adapters, tmp_path):

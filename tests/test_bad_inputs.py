@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
@@ -91,17 +92,44 @@ def checkpoint(config: dict | None = None, config_text: str | None = None, weigh
     return setup
 
 
-def peft_folder(config: dict | None = None, tensors: Callable[[dict], dict] | None = None) -> Setup:
+def peft_folder(
+    config: dict | None = None, tensors: Callable[[dict], dict] | None = None, header: str | None = None
+) -> Setup:
     """`peft/`: the PEFT export of adapter a (q,v, r = 2), its adapter_config.json updated by
-    `config`; `tensors` edits its tensors, then saved as PEFT saves them (without our header)."""
+    `config`; `tensors` edits its tensors, then saved as PEFT saves them (without our header), or
+    with `header` as our LoRA settings in it."""
 
     def setup(folder: Path, fx: Path) -> None:
         shutil.copytree(fx / "peft", folder / "peft")
         config_path = folder / "peft" / "adapter_config.json"
         weights_path = folder / "peft" / "adapter_model.safetensors"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **(config or {})}))
-        if tensors is not None:
-            save_file(tensors(load_file(weights_path)), weights_path)
+        if tensors is not None or header is not None:
+            metadata = {"format": "pt", "lora_py_config": header} if header is not None else None
+            save_file((tensors or dict)(load_file(weights_path)), weights_path, metadata)
+
+    return setup
+
+
+def adapter_header(lora_config: str) -> Setup:
+    """`x.safetensors`: adapter a with the JSON text `lora_config` as the LoRA settings in its header."""
+
+    def setup(folder: Path, fx: Path) -> None:
+        with safe_open(fx / "a.safetensors", framework="pt") as f:
+            metadata = f.metadata()
+        save_file(load_file(fx / "a.safetensors"), folder / "x.safetensors", {**metadata, "lora_config": lora_config})
+
+    return setup
+
+
+def train_state(lora: dict) -> Setup:
+    """`run/train_state.pt`: a state as train.py writes it, for a TINY_SCRATCH run with these stored LoRA settings."""
+
+    def setup(folder: Path, fx: Path) -> None:
+        settings = {"base": "scratch", "scratch_shape": [1, 2, 8, 8], "lora": lora, "batching": "packed"}
+        state = {"step": 1, "trained": {}, "optimizer": {}, "scaler": {}, "rng": [{}], "settings": settings}
+        (folder / "run").mkdir()
+        torch.save(state, folder / "run" / "train_state.pt")
 
     return setup
 
@@ -117,6 +145,7 @@ def both(*setups: Setup) -> Setup:
 PEFT_A = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
 PEFT_B = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
 NOT_UTF8 = b"caf\xe9 \xff\xfe\n" * 4
+TINY_SCRATCH = ("--data", "{fx}/data", "--base", "scratch", "--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--device", "cpu")  # fmt: skip
 
 # ---- the table -----------------------------------------------------------------------------------
 
@@ -147,6 +176,7 @@ CASES = [
     Case("sample-adapter-not-safetensors", "sample.py", ("--adapter", "a.safetensors"), ("a.safetensors is not a safetensors file",), files({"a.safetensors": "plain text"})),
     Case("sample-adapter-is-a-model", "sample.py", ("--adapter", "{fx}/base/model.safetensors"), ("model.safetensors is not an adapter",)),
     Case("sample-base-too-small-vocab", "sample.py", ("--base", "{fx}/small"), ("vocabulary (101)",)),
+    Case("sample-adapter-lora-alpha-not-a-number", "sample.py", ("--adapter", "x.safetensors"), ("x.safetensors has LoRA settings", "alpha must be > 0, got 'x'"), adapter_header('{"rank": 2, "alpha": "x"}')),
     Case("sample-adapter-of-other-shape", "sample.py", ("--adapter", "{fx}/a.safetensors", "--base", "{fx}/small"), ("a.safetensors was trained on another base",)),
     # sample.py: prompts and flags
     Case("sample-prompt-file-missing", "sample.py", ("--base", "{fx}/base", "--prompt", "FILE:nope.txt"), ("--prompt FILE:nope.txt", "no such file")),
@@ -178,6 +208,7 @@ CASES = [
     Case("peft-missing-lora-b", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("lora_B", "layer 0"), peft_folder(tensors=lambda t: {k: v for k, v in t.items() if k != PEFT_B})),
     Case("peft-lora-b-wrong-shape", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("lora_B", "(24, 3)"), peft_folder(tensors=lambda t: {**t, PEFT_B: t[PEFT_B][:, :3].contiguous()})),
     Case("peft-rank-not-as-configured", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("rank 4", "says 2"), peft_folder({"rank_pattern": {}, "alpha_pattern": {}}, tensors=dict)),
+    Case("peft-header-unknown-lora-setting", "lab.peft_interop", ("import", "peft", "--out", "x.safetensors"), ("adapter_model.safetensors has LoRA settings", "use_rslora"), peft_folder(header='{"rank": 2, "alpha": 4, "targets": ["q", "v"], "use_rslora": true}')),
     Case("peft-export-out-is-file", "lab.peft_interop", ("export", "{fx}/a.safetensors", "--out", "notes.txt"), ("--out notes.txt", "not a folder"), files({"notes.txt": "x"})),
     # bench.py: flags are checked before any measuring
     Case("bench-unknown-device", "bench.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
@@ -187,6 +218,9 @@ CASES = [
     Case("train-unknown-target", "train.py", ("--targets", "q,query"), ("unknown LoRA target", "query")),
     Case("train-unknown-device", "train.py", ("--device", "gpu"), ("unknown device 'gpu'",)),
     Case("train-heads-do-not-divide", "train.py", ("--data", "{fx}/data", "--base", "scratch", "--n-head", "5", "--n-embd", "16", "--block-size", "8"), ("n_embd 16", "n_head 5")),
+    Case("train-resume-empty-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is empty",), files({"run/train_state.pt": b""})),
+    Case("train-resume-one-byte-state", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("run/train_state.pt is truncated or corrupt",), files({"run/train_state.pt": b"\x80"})),
+    Case("train-resume-unknown-lora-setting", "train.py", ("--resume", "--run-dir", "run", *TINY_SCRATCH), ("train_state.pt has LoRA settings", "use_rslora"), train_state({"rank": 4, "alpha": 8.0, "targets": ["q", "v"], "use_rslora": True})),
 ]
 # fmt: on
 

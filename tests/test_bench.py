@@ -10,6 +10,7 @@ import bench
 from conftest import TINY
 from lab import bench_mixed, profile_step
 from model import GPT
+from utils import describe_dtype, resolve_dtype
 
 METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
 
@@ -128,12 +129,13 @@ def test_bench_mixed_writes_its_rows_beside_bench_results(tmp_path, one_thread, 
     )
 
     rows = json.loads((out / "mixed_adapters.json").read_text())["rows"]
+    auto = str(resolve_dtype("cpu", "auto")).removeprefix("torch.")  # what --dtype auto picks on this CPU
     assert rows == json.loads(json.dumps(returned)) and (out / "results.json").read_text() == "bench.py's"
     ways = {"one mixed batch", bench_mixed.MERGED_PER_ADAPTER, bench_mixed.ONE_MERGED}
     assert sorted((r["what"], r["metric"], r["shape"]) for r in rows) == sorted((w, "tokens/s", "3x4+3") for w in ways)
     for r in rows:
         assert 0 < r["min"] <= r["median"] <= r["max"] and math.isfinite(r["max"])
-        assert r["reference"] == bench_mixed.ONE_MERGED and r["dtype"] == "float32"
+        assert r["reference"] == bench_mixed.ONE_MERGED and r["dtype"] == auto
         assert r["ratio"] == pytest.approx(r["median"] / next(q["median"] for q in rows if q["what"] == q["reference"]))
     printed = capsys.readouterr().out
     assert "### mixed adapters: " in printed and "| one mixed batch |" in printed
@@ -151,7 +153,9 @@ def test_profile_step_profiles_both_runs_with_bench_flags(tmp_path, one_thread, 
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     profile_step.main(["--size", str(tmp_path / "tiny"), "--device", "cpu", "--shape", "2x8", "--steps", "1"])
     printed = capsys.readouterr().out
-    assert printed.startswith(f"{tmp_path / 'tiny'}, 2x8, cpu (") and ", float32" in printed.splitlines()[0]
+    first_line = printed.splitlines()[0]
+    assert first_line.startswith(f"{tmp_path / 'tiny'}, 2x8, cpu (")
+    assert first_line.endswith(f", {describe_dtype('cpu', 'auto')}")  # the dtype --dtype auto picks, and why
     assert "=== full fine-tuning: median step" in printed and "=== LoRA r=4 q,v: median step" in printed
     assert printed.count("Self CPU time total") == 2  # one profiler table a run
     with pytest.raises(ValueError, match="unknown --size 'gpt-5'"):

@@ -35,7 +35,7 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path
 EXTERNAL = {"pytest"}
 # Words about where the project is developed, which nothing a user reads may contain.
 FORBIDDEN = ("../shared", "this machine", "development machine", "development session", "lent for")
-EQ3 = "h[..., rows] += self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())"
+EQ3 = "delta = self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())"
 
 
 class Parsed(Exception):

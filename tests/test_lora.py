@@ -1,9 +1,13 @@
+import copy
 import os
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, load_hf
+from lab.analysis import adapted_matrices, amplification_tables, similarity
+from lab.peft_interop import EXPORTED_SETTINGS, export_peft
 from lora import (
     TARGETS,
     LoRAConfig,
@@ -57,6 +61,45 @@ def test_only_A_and_B_train_and_both_get_gradients(tiny_model):
             assert p.grad is None, name
 
 
+def eq3_written_plainly(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """h = W0·x + (α/r)·B·A·x (paper, eq. 3) on each adapted chunk of rows, W0·x on the others:
+    out of place, ΔW built, the chunks concatenated. A reference that shares no line with LoRALinear.forward."""
+    chunks, start = [], 0
+    for name, rows in sorted(layer.parts.items(), key=lambda part: part[1].start):
+        W0, bias, delta_W = layer.weight[rows], layer.bias[rows], layer.lora_B[name] @ layer.lora_A[name]
+        chunks.append(x @ layer.weight[start : rows.start].T + layer.bias[start : rows.start])  # not adapted
+        chunks.append(x @ W0.T + bias + layer.scaling * x @ delta_W.T)
+        start = rows.stop
+    chunks.append(x @ layer.weight[start:].T + layer.bias[start:])
+    return torch.cat(chunks, dim=-1)
+
+
+# each target alone, the README's q,v and every projection, and §4.2 Table 5's combinations
+@pytest.mark.parametrize(
+    "targets",
+    [("q",), ("k",), ("v",), ("o",), ("mlp",), ("q", "v"), ("q", "k"), ("q", "k", "v", "o"), tuple(TARGETS)],
+    ids=",".join,
+)
+def test_every_target_trains_with_the_gradients_of_eq3_written_plainly(tiny_model, monkeypatch, targets):
+    apply_lora(tiny_model, LoRAConfig(rank=2, alpha=4, targets=targets))
+    randomize_B(tiny_model)  # B = 0 gives A a zero gradient, which would compare nothing
+    idx = tokens()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model(idx, idx)[1].backward()
+        return {name: p.grad for name, p in tiny_model.named_parameters() if p.requires_grad}
+
+    ours = gradients()
+    monkeypatch.setattr(LoRALinear, "forward", eq3_written_plainly)
+    reference = gradients()
+    n_parts = sum(len(TARGETS[t]) for t in targets)  # q, k, v one part each of c_attn; mlp two modules
+    assert ours.keys() == reference.keys() and len(ours) == 2 * n_parts * TINY.n_layer
+    for name, grad in ours.items():
+        assert grad.abs().max() > 0, name
+        assert (grad - reference[name]).abs().max() <= 1e-5 * reference[name].abs().max(), name
+
+
 @pytest.mark.parametrize(
     "targets, expected",
     [(("q", "v"), 147_456), (("q", "k", "v", "o", "mlp"), 4 * 12 * (4 * (768 + 768) + 2 * (768 + 3072)))],
@@ -67,6 +110,16 @@ def test_trainable_count_is_sum_of_r_times_din_plus_dout(targets, expected):
     apply_lora(model, LoRAConfig(rank=4, targets=targets))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert parameter_summary(model).startswith(f"trainable {expected:,} / total {124_439_808 + expected:,}")
+
+
+def test_lora_put_into_a_model_in_eval_mode_is_in_eval_mode(tiny_model):
+    """load_adapter on `GPT.from_pretrained(...).eval()` must not sample with the adapter's dropout on."""
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, dropout=0.5))
+    randomize_B(tiny_model)
+    idx = tokens()
+    assert not any(m.training for m in tiny_model.modules())
+    assert torch.equal(tiny_model(idx)[0], tiny_model(idx)[0])
+    assert any(m.training for m in apply_lora(GPT(TINY), LoRAConfig(dropout=0.5)).modules())  # train mode stays
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_W0(tiny_model):
@@ -228,3 +281,67 @@ def test_bf16_unmerge_drifts_by_at_most_a_rounding_step(tiny_model):
     W = tiny_model.transformer.h[0].attn.c_attn.weight
     drift = (W.float() - W0.float()).abs()
     assert (drift <= W0.float().abs() * 2**-7 + 1e-6 + 2**-7 * 0.05).all()
+
+
+def test_merging_inside_autocast_still_computes_delta_W_in_fp32(tiny_model):
+    """lab.multi_adapter --merge merges inside its bf16 autocast: ΔW must be the fp32 one, as outside it
+    (in bf16 it would move W by up to one bf16 step of ΔW, and greedy texts apart)."""
+    apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, targets=tuple(TARGETS)))
+    randomize_B(tiny_model)
+    merged_outside = copy.deepcopy(tiny_model)
+    merge_lora(merged_outside)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merge_lora(tiny_model)
+        assert lora_layers(tiny_model)[0].delta_weight("q").dtype == torch.float32
+    expected = merged_outside.state_dict()
+    for name, weight in tiny_model.state_dict().items():
+        assert torch.equal(weight, expected[name]), name
+
+
+# a value other than the default for each LoRAConfig field: a field added to LoRAConfig needs one here
+NON_DEFAULT = {"rank": 3, "alpha": 5.0, "targets": ("k", "o", "mlp"), "dropout": 0.1}
+
+
+def test_every_lora_setting_has_a_value_to_try():
+    assert NON_DEFAULT.keys() == {f.name for f in fields(LoRAConfig)}
+    assert all(getattr(LoRAConfig(), name) != value for name, value in NON_DEFAULT.items())
+
+
+@pytest.mark.parametrize("setting", sorted(NON_DEFAULT))
+def test_each_lora_setting_survives_files_merging_the_peft_export_and_the_analysis(hf_folder, tmp_path, setting):
+    """Each field set to something other than its default in turn, through everything that reads a LoRAConfig."""
+    peft = pytest.importorskip("peft")
+    config = replace(LoRAConfig(), **{setting: NON_DEFAULT[setting]})
+    model = apply_lora(GPT.from_pretrained(hf_folder).eval(), config)
+    randomize_B(model)
+    idx = tokens()
+    expected, _ = model(idx)
+
+    path = str(tmp_path / "adapter.safetensors")  # save -> load: the same config and outputs
+    save_adapter(model, path)
+    loaded = GPT.from_pretrained(hf_folder).eval()
+    assert load_adapter(loaded, path) == config and torch.equal(loaded(idx)[0], expected)
+
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}  # merge -> unmerge
+    merge_lora(model)
+    assert (model(idx)[0] - expected).abs().max().item() <= 1e-5
+    unmerge_lora(model)
+    assert all((model.state_dict()[k] - v).abs().max().item() <= 1e-6 for k, v in W0.items())
+
+    if setting in EXPORTED_SETTINGS:  # the PEFT export: exact against PEFT, or one line refusing
+        export_peft(path, str(tmp_path / "peft"))
+        theirs = peft.PeftModel.from_pretrained(load_hf(hf_folder), str(tmp_path / "peft")).eval()
+        assert (theirs(idx).logits - expected).abs().max().item() <= 1e-4
+    else:
+        with pytest.raises(ValueError, match=f"does not support the LoRA setting\\(s\\) {setting} of this adapter"):
+            export_peft(path, str(tmp_path / "peft"))
+
+    matrices = adapted_matrices(read_adapter(path)[0])  # the analysis: against itself φ = 1, and Table 7's ΔW
+    records, metadata = similarity(path, path, layers="all")
+    assert [(r["layer"], r["matrix"]) for r in records] == list(matrices) and not metadata[0]["not_compared"]
+    assert all(torch.allclose(r["phi"], torch.ones_like(r["phi"])) for r in records)
+    rows = amplification_tables([path], None, "all", "all", seed=0)
+    assert [(r["layer"], r["matrix"]) for r in rows] == list(matrices)
+    for row in rows:
+        A, B = matrices[(row["layer"], row["matrix"])]
+        assert row["‖ΔW‖_F"] == pytest.approx((config.scaling * B.double() @ A.double()).norm().item(), rel=1e-6)

@@ -1,13 +1,16 @@
 """Our adapters in Hugging Face PEFT and back: same logits as PEFT on transformers' GPT-2 (≤ 1e-4)."""
 
 import json
+import math
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from conftest import TINY, load_hf
-from lab.peft_interop import export_peft, import_peft, main
+from conftest import TINY, keep_lora_only_on, load_hf
+from lab import peft_interop
+from lab.peft_interop import ADAPTABLE, export_peft, import_peft, main
 from lora import LoRAConfig, apply_lora, lora_layers, read_adapter, save_adapter
 from model import GPT
 
@@ -147,6 +150,57 @@ def test_command_line_and_clear_errors(hf_folder, tmp_path, capsys):
     config_path.write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(SystemExit, match="uses use_dora: not plain LoRA"):
         main(["import", str(tmp_path / "peft"), "--out", str(tmp_path / "x.safetensors")])
+
+
+@dataclass(frozen=True)
+class RsLoRAConfig(LoRAConfig):
+    """A learner's new option, added as the issue did: rsLoRA's scaling α/√r (Kalajdzievski, 2023)."""
+
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else super().scaling
+
+
+def test_a_new_scaling_is_refused_until_declared_then_exported_from_the_configs_scaling(
+    hf_folder, tmp_path, monkeypatch
+):
+    ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), RsLoRAConfig(4, 8, ("q", "v", "o"), use_rslora=True))
+    randomize(ours, std=0.3)
+    with pytest.raises(ValueError, match="does not support the LoRA setting\\(s\\) use_rslora of this adapter"):
+        export_peft(ours, str(tmp_path / "refused"))
+    monkeypatch.setattr(peft_interop, "EXPORTED_SETTINGS", peft_interop.EXPORTED_SETTINGS | {"use_rslora"})
+    config = export_peft(ours, str(tmp_path / "peft"))  # the learner checked it and declared it exported
+    theirs, _ = peft_logits(hf_folder, str(tmp_path / "peft"))
+    assert (theirs - ours(tokens())[0]).abs().max().item() <= 1e-4
+    assert config["lora_alpha"] == 4 * 8 / 2 and config["alpha_pattern"] == {"attn.c_attn": 8 * 8 / 2}  # R·α/√r
+
+
+def test_an_adapter_of_some_blocks_exports_the_blocks_it_has(hf_folder, tmp_path, capsys):
+    ours = apply_lora(GPT.from_pretrained(hf_folder).eval(), LoRAConfig(rank=2, targets=("q", "v", "mlp")))
+    randomize(ours)
+    save_adapter(
+        keep_lora_only_on(ours, {(1, module) for module in ADAPTABLE}), str(tmp_path / "last-block.safetensors")
+    )
+    main(["export", str(tmp_path / "last-block.safetensors"), "--out", str(tmp_path / "peft")])
+    assert "of blocks [1]" in capsys.readouterr().out
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1] and config["target_modules"] == [
+        "attn.c_attn",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    ]
+    theirs, _ = peft_logits(hf_folder, str(tmp_path / "peft"))
+    assert (theirs - ours(tokens())[0]).abs().max().item() <= 1e-4
+    assert (theirs - load_hf(hf_folder)(tokens()).logits).abs().max().item() > 1e-2  # block 1's adapter does act
+
+    q_then_o = apply_lora(GPT.from_pretrained(hf_folder), LoRAConfig(rank=2, targets=("q", "o")))
+    keep_lora_only_on(q_then_o, {(0, "attn.c_attn"), (1, "attn.c_proj")})
+    with pytest.raises(
+        ValueError, match="same modules adapted in every adapted block.*attn.c_attn of block 0, attn.c_proj"
+    ):
+        export_peft(q_then_o, str(tmp_path / "refused"))
 
 
 @pytest.mark.parametrize(

@@ -77,14 +77,16 @@ def test_training_from_scratch_lowers_val_loss(tmp_path, char_data):
     assert trained.config.n_embd == 32
 
 
-def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_run_keeps_base_bit_identical_and_writes_a_small_adapter(tmp_path, char_data, base_folder, dtype):
+    """The frozen base is the base, bit for bit: in fp32, or cast once to bf16 (LoRA's 16-bit base)."""
     out = str(tmp_path / "out")
-    run = ["--base", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5"]
+    run = ["--base", base_folder, "--rank", "4", *TINY_RUN, "--max-iters", "5", "--dtype", dtype]
     model = train.main([*run, "--data", char_data, "--run-dir", out])
     base = GPT.from_pretrained(base_folder).state_dict()
     trained = model.state_dict()
     for key, weight in base.items():
-        assert torch.equal(trained[key], weight), key
+        assert torch.equal(trained[key], weight.to(getattr(torch, dtype))), key
 
     tensors, metadata = read_adapter(os.path.join(out, "adapter.safetensors"))
     assert set(tensors) == {k for k in trained if ".lora_A." in k or ".lora_B." in k}
@@ -211,6 +213,8 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
         "4",
         "--eval-interval",
         "4",
+        "--dtype",
+        "float32",  # pinned: a subprocess sees the real CPU, whatever conftest fakes
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -308,8 +312,10 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 @pytest.mark.parametrize(
     "content, message",
     [
+        (b"", "train_state.pt is empty"),
         (b"PK\x03\x04 not really a zip", "is truncated or corrupt"),
         ("truncate", "is truncated or corrupt"),
+        ("one byte", "is truncated or corrupt"),  # was misread as a pickle of Python objects
         ("code", "holds Python objects, not only tensors: it is not a state written by train.py"),
     ],
 )
@@ -318,8 +324,8 @@ def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, conten
     run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--max-iters", "2", "--run-dir", str(out)]
     train.main(run)
     state = out / "train_state.pt"
-    if content == "truncate":
-        state.write_bytes(state.read_bytes()[:1000])
+    if content in ("truncate", "one byte"):
+        state.write_bytes(state.read_bytes()[: 1000 if content == "truncate" else 1])
     elif content == "code":
         torch.save({"step": 2, "settings": Killed()}, state)  # an object, unpickled only by running code
     else:
@@ -330,6 +336,27 @@ def test_a_broken_train_state_is_refused_in_one_line(tmp_path, char_data, conten
     assert str(exit.value).startswith("train.py: error: ") and message in str(exit.value), exit.value
     assert "weights_only" not in str(exit.value) and "\n" not in str(exit.value)
     assert state.read_bytes() == before
+
+
+def test_resume_reads_the_stored_lora_settings_as_a_lora_config(tmp_path, char_data):
+    """A field added to LoRAConfig with a default must not refuse the runs written before it; a stored
+    setting this lora.py does not know is one line."""
+    out = tmp_path / "out"
+    run = [*SCRATCH, "--rank", "4", *TINY_RUN, "--data", char_data, "--eval-interval", "2", "--run-dir", str(out)]
+    train.main([*run, "--max-iters", "2"])
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    del state["settings"]["lora"]["dropout"]  # as a lora.py from before LoRAConfig had dropout wrote it
+    torch.save(state, out / "train_state.pt")
+    train.main([*run, "--max-iters", "4", "--resume"])
+    assert [r["step"] for r in read_log(out)] == [0, 2, 4]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    state["settings"]["lora"]["use_rslora"] = True  # from a lora.py with a field this one lacks
+    torch.save(state, out / "train_state.pt")
+    with pytest.raises(SystemExit) as exit:
+        train.main([*run, "--max-iters", "6", "--resume"])
+    message = str(exit.value)
+    assert message.startswith("train.py: error: ") and "\n" not in message and "use_rslora" in message
+    assert "train_state.pt has LoRA settings this lora.py cannot read" in message
 
 
 def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path):
