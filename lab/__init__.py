@@ -1,6 +1,6 @@
 """The lab: experiments and measurements beside the core, which never imports it (bench.py only the adapter
 baselines it measures): the Table-1 adapter baselines, §7 analysis, PEFT interop, several adapters in one batch
-and their benchmark, profiling, and the E2E evaluation."""
+and their benchmark, profiling, the E2E evaluation, and the paper's GPT-2 tables in miniature."""
 
 import argparse
 

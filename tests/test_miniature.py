@@ -108,7 +108,15 @@ def test_quick_sweep_writes_the_tables_reads_complete_rows_and_resumes_an_interr
     miniature.main(argv)
     assert os.path.getmtime(os.path.join(t3["fine-tuning"]["folder"], "model.safetensors")) == stamp
     with open(os.path.join(row, "done.json")) as f:
-        assert json.load(f)["resumed"] is True
+        record = json.load(f)
+    assert record["resumed"] is True
+
+    # a row of another sweep (another command) in the same --out is refused, not mixed into the tables
+    with open(os.path.join(row, "done.json"), "w") as f:
+        json.dump(record | {"command": record["command"] + " --seed 7"}, f)
+    with pytest.raises(SystemExit) as error:
+        miniature.main(argv)
+    assert "was trained by another command" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_missing_local_copy_is_one_line(tmp_path, capsys):
