@@ -126,7 +126,7 @@ def webnlg_texts(dev_json: str) -> list[str]:
         raise ValueError(f"WebNLG's dev.json does not hold entries with lexicalisations ({e!r})") from None
 
 
-def test_lines(sources: dict[str, str]) -> list[str]:
+def e2e_test_lines(sources: dict[str, str]) -> list[str]:
     """E2E test's `context||target` lines, as they are."""
     return [line for line in sources["test"].splitlines() if line.strip()]
 
@@ -137,12 +137,13 @@ def pretraining_text(sources: dict[str, str], train_lines: list[str], held_lines
     reference of a held-out or a test MR (short ones recur: "X-name is a pub .") is left out, and so is
     a document that holds a test MR or reference."""
     unseen = {
-        target for _, target in (line.split("||", 1) for line in delexicalised_lines(held_lines + test_lines(sources)))
+        target
+        for _, target in (line.split("||", 1) for line in delexicalised_lines(held_lines + e2e_test_lines(sources)))
     }
     sentences = [target for _, target in (line.split("||", 1) for line in delexicalised_lines(train_lines))]
     documents = [p.strip() for p in sources["shakespeare"].split("\n\n") if p.strip()]
     documents += [s for s in dict.fromkeys(sentences) if s not in unseen] + webnlg_texts(sources["webnlg"])
-    leaked = leaks("\n\n".join(documents), test_lines(sources))  # a test reference inside a longer sentence
+    leaked = leaks("\n\n".join(documents), e2e_test_lines(sources))  # a test reference inside a longer sentence
     documents = [d for d in documents if not any(s in d for s in leaked)]
     random.Random(seed).shuffle(documents)
     return "\n\n".join(documents) + "\n"
@@ -173,7 +174,7 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
     print(f"{len(train_lines) - len(fits)} of the {len(train_lines)} training pairs are longer than the context")
     train_lines = fits
     text = pretraining_text(sources, train_lines, held_lines)
-    leaked = leaks(text, test_lines(sources))
+    leaked = leaks(text, e2e_test_lines(sources))
     if leaked:
         raise ValueError(f"the pre-training text holds {len(leaked)} test MRs or references, e.g. {leaked[0]!r}")
     files = {
@@ -181,7 +182,7 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
         "held-out-sentences.txt": "\n".join(line.split("||", 1)[1].strip() for line in delexicalised_lines(held_lines)),
         "train-pairs.txt": "\n".join(delexicalised_lines(train_lines)),
         "held-out-pairs.txt": "\n".join(delexicalised_lines(held_lines)),
-        "test.txt": "\n".join(test_lines(sources)),  # as it is: scored against the real references
+        "test.txt": "\n".join(e2e_test_lines(sources)),  # as it is: scored against the real references
         "train-names.txt": "\n".join(sorted({parse_mr(line.split("||", 1)[0])["name"] for line in train_lines})),
     }
     os.makedirs(folder, exist_ok=True)
@@ -302,6 +303,10 @@ def train_row(argv: list[str]) -> dict:
             raise ValueError(f"{folder} was trained by another command ({record['command']}): use another --out")
         return record
     resume = os.path.isfile(os.path.join(folder, "train_state.pt"))
+    for kind in ("beam", "greedy"):  # decodings of an earlier model, if any, go with it
+        for stale in (f"test-{kind}.json", f"predictions-{kind}.txt"):
+            if os.path.exists(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
     started = time.time()
     model = train.main(argv + ["--resume" if resume else "--overwrite"])
     with open(os.path.join(folder, "log.jsonl")) as f:

@@ -50,7 +50,7 @@ def test_the_pretraining_text_holds_the_domain_but_never_the_task_nor_the_test_s
     sources = miniature.read_sources(*LOCAL[1::2])
     train_lines, held_lines = miniature.split_pairs(sources["valid"])
     text = miniature.pretraining_text(sources, train_lines, held_lines)
-    assert miniature.leaks(text, miniature.test_lines(sources)) == []  # no test MR or reference
+    assert miniature.leaks(text, miniature.e2e_test_lines(sources)) == []  # no test MR or reference
     slots = "name|Type|area|food|near|price|customer rating|family friendly"
     assert "||" not in text and not re.search(rf"({slots}) : [^|\n]* \| ", text)  # no MR, so none before a text
     documents = text.split("\n\n")
