@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -42,6 +41,7 @@ import torch
 
 import prepare_data
 import train
+from bench import describe_device
 from lab import command_line
 from lab.analysis import amplification_tables, format_table, plot_similarity, similarity
 from lab.e2e import decode, load_run
@@ -484,14 +484,6 @@ def plot(report: dict, figures: str) -> None:
     plt.close("all")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def metric_cells(row: dict) -> str:
     """BLEU, NIST, METEOR, ROUGE-L, CIDEr in the paper's units (BLEU, METEOR, ROUGE-L in %); '–' when not run."""
     percent = {"BLEU", "METEOR", "ROUGE_L"}
@@ -585,11 +577,12 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
     }
     train_s, decode_s = sum(r["train_s"] for r in runs), sum(decodes.values())
     device = resolve_device(args.device)
+    trained_on = ([i["date"][:10] for i in report["invocations"] if i["trained"]] or [time.strftime("%Y-%m-%d")])[-1]
     lines = [
         "# The paper's GPT-2 results in miniature",
         "",
-        f"Made by `python -m lab.miniature{' --quick' * args.quick}` on {cpu_name()} ({os.cpu_count()} cores), torch "
-        f"{torch.__version__}, {describe_dtype(device, args.dtype)}, {time.strftime('%Y-%m-%d')}. {len(runs)} "
+        f"Made by `python -m lab.miniature{' --quick' * args.quick}` on {describe_device(device)}, torch "
+        f"{torch.__version__}, {describe_dtype(device, args.dtype)}, {trained_on}. {len(runs)} "
         f"training runs took {train_s / 60:.1f} minutes, decoding and scoring {decode_s / 60:.1f}; the command "
         "took "
         + ", then ".join(
