@@ -256,12 +256,10 @@ def folder_name(rank: int, targets: str, lr: float) -> str:
 
 
 def as_argv(flags: dict) -> list[str]:
-    """{'n_layer': 4, 'resume': True} -> ['--n-layer', '4', '--resume']."""
+    """{'n_layer': 4, 'lr': 0.001} -> ['--n-layer', '4', '--lr', '0.001']."""
     argv = []
     for name, value in flags.items():
-        argv += [f"--{name.replace('_', '-')}"] + (
-            [] if value is True else [f"{value:g}" if isinstance(value, float) else str(value)]
-        )
+        argv += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
     return argv
 
 
@@ -558,10 +556,10 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
     head = "| | trainable | lr | held-out loss | train | BLEU | NIST | METEOR | ROUGE-L | CIDEr | name in the text |"
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
-    def table(rows: dict[str, dict], key: str = "") -> list[str]:
+    def table(rows: dict[str, dict], decoding: str) -> list[str]:
         return [head, rule] + [
             f"| {name} | {r['trainable']:,} | {r['lr']:g} | {r['val_loss']:.3f} | {r['train_s']:.0f} s | "
-            f"{metric_cells(r[key] if key else r)} | {names_cell(r[key] if key else r)} |"
+            f"{metric_cells(r[decoding])} | {names_cell(r[decoding])} |"
             for name, r in rows.items()
         ]
 
