@@ -5,8 +5,9 @@
     python prepare_data.py --e2e                             # E2E NLG (the paper's Table 3) -> data/e2e/
 
 Text is tokenised with tiktoken's GPT-2 BPE and split into `train.bin` / `val.bin`: flat uint16
-arrays that np.memmap reads without loading them (nanoGPT's layout). A `meta.json` beside them says
-what they hold.
+arrays that np.memmap reads without loading them (nanoGPT's layout). `<|endoftext|>` between documents
+becomes GPT-2's end-of-text token, as in its pre-training: the token that ends a target below. A
+`meta.json` beside them says what they hold.
 
 Pairs are the paper's setting (§2): maximise Σ_t log P(y_t | x, y_<t) over (context x, target y).
 Each example is stored as
@@ -35,6 +36,7 @@ from utils import read_text
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # the E2E NLG splits in the LoRA authors' `context||target` format (paper §5.5, Table 3)
 E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e/{split}.txt"
+END_OF_TEXT = "<|endoftext|>"  # in a text file: GPT-2's end-of-text token (50256), between documents
 PAIR_SEPARATOR = " ||"  # between context and target; E2E's own marker, so prompts read naturally
 LINES_PER_CHUNK = 2000  # text is tokenised in chunks of lines, for the progress bar
 
@@ -73,10 +75,11 @@ def read_source(path: str | None, flag: str = "--input ") -> tuple[str, str]:
 
 
 def tokenize_text(text: str, encoding) -> np.ndarray:
-    """All tokens of `text`, encoded in chunks of whole lines (decoding them gives `text` back)."""
+    """All tokens of `text`, encoded in chunks of whole lines (decoding them gives `text` back). The
+    text `<|endoftext|>` is GPT-2's end-of-text token, the mark it was pre-trained with between documents."""
     lines = text.splitlines(keepends=True)
     chunks = ["".join(lines[i : i + LINES_PER_CHUNK]) for i in range(0, len(lines), LINES_PER_CHUNK)]
-    tokens = [encoding.encode_ordinary(chunk) for chunk in tqdm(chunks, desc="tokenising", unit="chunk")]
+    tokens = [encoding.encode(c, allowed_special={END_OF_TEXT}) for c in tqdm(chunks, desc="tokenising", unit="chunk")]
     return np.concatenate([np.array(t, dtype=np.uint16) for t in tokens])
 
 

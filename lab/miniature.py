@@ -133,9 +133,10 @@ def e2e_test_lines(sources: dict[str, str]) -> list[str]:
 
 def pretraining_text(sources: dict[str, str], train_lines: list[str], held_lines: list[str], seed: int = 0) -> str:
     """Tiny Shakespeare's paragraphs, the training MRs' sentences (delexicalised, without their MRs) and
-    WebNLG's texts, shuffled into one text, a blank line between documents. A sentence that is also a
-    reference of a held-out or a test MR (short ones recur: "X-name is a pub .") is left out, and so is
-    a document that holds a test MR or reference."""
+    WebNLG's texts, shuffled into one text, each document ended by <|endoftext|> as in GPT-2's
+    pre-training: a base that never saw it cannot end a text (see `end_of_text`). A sentence that is
+    also a reference of a held-out or a test MR (short ones recur: "X-name is a pub .") is left out,
+    and so is a document that holds a test MR or reference."""
     unseen = {
         target
         for _, target in (line.split("||", 1) for line in delexicalised_lines(held_lines + e2e_test_lines(sources)))
@@ -146,7 +147,7 @@ def pretraining_text(sources: dict[str, str], train_lines: list[str], held_lines
     leaked = leaks("\n\n".join(documents), e2e_test_lines(sources))  # a test reference inside a longer sentence
     documents = [d for d in documents if not any(s in d for s in leaked)]
     random.Random(seed).shuffle(documents)
-    return "\n\n".join(documents) + "\n"
+    return "".join(d + prepare_data.END_OF_TEXT for d in documents)
 
 
 def leaks(text: str, test: list[str]) -> list[str]:
@@ -179,7 +180,9 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
         raise ValueError(f"the pre-training text holds {len(leaked)} test MRs or references, e.g. {leaked[0]!r}")
     files = {
         "pretrain.txt": text,
-        "held-out-sentences.txt": "\n".join(line.split("||", 1)[1].strip() for line in delexicalised_lines(held_lines)),
+        "held-out-sentences.txt": "".join(
+            line.split("||", 1)[1].strip() + prepare_data.END_OF_TEXT for line in delexicalised_lines(held_lines)
+        ),
         "train-pairs.txt": "\n".join(delexicalised_lines(train_lines)),
         "held-out-pairs.txt": "\n".join(delexicalised_lines(held_lines)),
         "test.txt": "\n".join(e2e_test_lines(sources)),  # as it is: scored against the real references
@@ -209,6 +212,26 @@ def copy_test(model, n: int = 8, length: int = 30, seed: int = 0) -> tuple[float
     logits, _ = model(x[:, :-1])
     losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
     return float(losses[:, : length - 1].mean()), float(losses[:, length - 1 :].mean())
+
+
+@torch.no_grad()
+def end_of_text(model, texts: list[str]) -> float:
+    """Mean -log p(<|endoftext|>) right after each text: a sentence read as a document of its own (after
+    an <|endoftext|>), or a `context||target` pair read as prepare_data.py stores it. GPT-2 ends a text by
+    predicting it (its pre-training put it between documents); a base that never saw it gives it next to
+    no probability, and fine-tuning must then teach a target's end from nothing."""
+    encoding = prepare_data.load_encoding()
+    eot, separator = encoding.eot_token, encoding.encode_ordinary(prepare_data.PAIR_SEPARATOR)
+    device, losses = model.transformer.wte.weight.device, []
+    model.eval()
+    for text in texts:
+        context, is_pair, target = (part.strip() for part in text.partition("||"))
+        tokens = [eot] + encoding.encode_ordinary(context)
+        if is_pair:
+            tokens = tokens[1:] + separator + encoding.encode_ordinary(" " + target)
+        logits, _ = model(torch.tensor([tokens], device=device))
+        losses.append(-float(torch.log_softmax(logits[0, -1].float(), dim=-1)[eot]))
+    return sum(losses) / len(losses)
 
 
 # ---- 3. the rows -----------------------------------------------------------------------------------------
@@ -405,7 +428,10 @@ def sweep(args: argparse.Namespace) -> dict:
         return score_row(row["folder"], os.path.join(data, "test.txt"), scale, beam, device, args.dtype, seen)
 
     report["base"] = run(base_argv(scale, out))
-    report["copy_test"] = copy_test(GPT.from_pretrained(os.path.join(out, "base")))
+    base = GPT.from_pretrained(os.path.join(out, "base"))
+    with open(os.path.join(data, "held-out-sentences.txt"), encoding="utf-8") as f:
+        held_out = [s for s in f.read().split(prepare_data.END_OF_TEXT) if s.strip()]
+    report["copy_test"], report["end_of_text"] = copy_test(base), end_of_text(base, held_out)
     for method, (rank, targets) in TABLE3.items():  # each method at its learning rate of lowest held-out loss
         lrs = scale.full_lrs if rank == 0 else scale.lora_lrs
         candidates = {lr: run(finetune_argv(scale, out, meta, rank, targets, lr, True)) for lr in lrs}
@@ -414,6 +440,10 @@ def sweep(args: argparse.Namespace) -> dict:
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
         best = candidates[lr]
         report["table3"][method] = best | dict(lr=lr, beam=decoded(best, True), greedy=decoded(best, False))
+    with open(os.path.join(data, "held-out-pairs.txt"), encoding="utf-8") as f:
+        held_pairs = [line for line in f.read().splitlines() if line.strip()]
+    for row in report["table3"].values():  # how well each method learned where a text ends
+        row["end_of_text"] = end_of_text(load_run(row["folder"], None)[0].to(device), held_pairs)
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
     for table, rows in (("table5", TABLE5), ("table6", table6)):
         report[table] = {}
@@ -601,9 +631,10 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         f"{base['trainable']:,} parameters; {scale.base_iters} steps of {scale.base_batch} × {scale.block_size} "
         f"tokens ({base['train_s'] / 60:.1f} minutes).",
         "",
-        "| held-out loss: sentences of the held-out MRs | copy test: 30 random tokens | their repeat |",
-        "|---:|---:|---:|",
-        f"| {base['val_loss']:.3f} | {first:.2f} | {repeat:.2f} |",
+        "| held-out loss: sentences of the held-out MRs | <\\|endoftext\\|> after them | copy test: 30 random "
+        "tokens | their repeat |",
+        "|---:|---:|---:|---:|",
+        f"| {base['val_loss']:.3f} | {report['end_of_text']:.2f} | {first:.2f} | {repeat:.2f} |",
         "",
         "## Table 3: fine-tuning against LoRA",
         "",
@@ -616,6 +647,10 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         f"LoRA r=4 on Wq, Wv: BLEU {100 * lora['beam']['BLEU']:.1f} against fine-tuning's "
         f"{100 * full['beam']['BLEU']:.1f}{ratio(lora['beam']['BLEU'], full['beam']['BLEU'])}, with "
         f"{100 * lora['trainable'] / full['trainable']:.2f}% of its trainable parameters.",
+        "",
+        "Where a text ends, -log p(<|endoftext|>) after the held-out MRs' references (nats): "
+        + ", ".join(f"{method} {row['end_of_text']:.2f}" for method, row in t3.items())
+        + f"; the base, after their sentences alone: {report['end_of_text']:.2f}.",
         "",
         "## Table 5: which weights, at one budget of trainable parameters",
         "",

@@ -4,12 +4,14 @@ test, and --quick end to end: tables written, a second run reads every row, an i
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
 import pytest
 import torch
 
+import prepare_data
 from lab import miniature
 from model import GPT, GPTConfig
 
@@ -53,7 +55,8 @@ def test_the_pretraining_text_holds_the_domain_but_never_the_task_nor_the_test_s
     assert miniature.leaks(text, miniature.e2e_test_lines(sources)) == []  # no test MR or reference
     slots = "name|Type|area|food|near|price|customer rating|family friendly"
     assert "||" not in text and not re.search(rf"({slots}) : [^|\n]* \| ", text)  # no MR, so none before a text
-    documents = text.split("\n\n")
+    documents = text.split("<|endoftext|>")
+    assert documents[-1] == ""  # every document ends with GPT-2's end-of-text
     held = {t for _, t in (line.split("||", 1) for line in miniature.delexicalised_lines(held_lines))}
     assert not held & set(documents)  # the held-out sentences, on which the base's loss is taken, are unseen
     assert sum("X-name" in d for d in documents) > 3000  # the training MRs' sentences
@@ -79,6 +82,25 @@ def test_copy_test_sees_a_model_that_copies():
 
     first, repeat = miniature.copy_test(Copier(), n=4, length=20)
     assert first == pytest.approx(3.912, abs=1e-3) and repeat < 1e-9
+
+
+def test_end_of_text_reads_a_sentence_as_a_document_and_a_pair_as_prepare_data_stores_it():
+    encoding, seen = prepare_data.load_encoding(), []
+
+    class Ender(torch.nn.Module):  # logit 10 on <|endoftext|>, 0 elsewhere: -log p = log(1 + 50256 / e^10)
+        config, transformer = GPTConfig(), GPT(GPTConfig(n_layer=1, n_head=1, n_embd=4)).transformer
+
+        def forward(self, x):
+            seen.append(x[0].tolist())
+            logits = torch.zeros(*x.shape, 50257)
+            logits[..., 50256] = 10.0
+            return logits, None
+
+    loss = miniature.end_of_text(Ender(), ["X-name is a pub .", "name : X-name || X-name is a pub ."])
+    assert loss == pytest.approx(math.log(1 + 50256 * math.exp(-10)), abs=1e-4)  # fp32 over 50,257 logits
+    sentence = encoding.encode_ordinary("X-name is a pub .")
+    pair = encoding.encode_ordinary("name : X-name ||") + encoding.encode_ordinary(" X-name is a pub .")
+    assert seen == [[50256, *sentence], pair]  # the sentence after an <|endoftext|>; the pair as it trains
 
 
 def test_quick_sweep_writes_the_tables_reads_complete_rows_and_resumes_an_interrupted_one(tmp_path, capsys):

@@ -42,6 +42,15 @@ def test_text_round_trips_and_splits_at_the_end(tmp_path, encoding):
     assert sorted(os.listdir(tmp_path / "data")) == ["play"]  # no temporary folder left behind
 
 
+def test_end_of_text_between_documents_is_gpt2s_token(tmp_path, encoding):
+    source = tmp_path / "docs.txt"
+    source.write_text("The first document.<|endoftext|>The second\nof two lines.<|endoftext|>")
+    folder = prepare_data.main(["--input", str(source), "--out-dir", str(tmp_path), "--val-fraction", "0.1"])
+    tokens = np.concatenate([read(folder, "train.bin", np.uint16), read(folder, "val.bin", np.uint16)]).tolist()
+    assert [i for i, t in enumerate(tokens) if t == 50256] == [4, len(tokens) - 1]  # one token each, where it was
+    assert encoding.decode(tokens) == source.read_text()
+
+
 def test_pairs_mask_covers_target_and_end_of_text_only(tmp_path, encoding):
     lines = ["name : Aromi | area : riverside||Aromi is by the river . ", "name : Zizzi||Zizzi serves food ."] * 3
     source = tmp_path / "e2e.txt"
