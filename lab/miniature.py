@@ -131,6 +131,15 @@ def e2e_test_lines(sources: dict[str, str]) -> list[str]:
     return [line for line in sources["test"].splitlines() if line.strip()]
 
 
+SLOTS_THAT_DIFFER = ("Type", "near", "customer rating")  # between E2E's valid and test MRs
+
+
+def slot_shares(path: str) -> dict[str, float]:
+    """The share of the distinct MRs of a `context||target` file that have each slot of SLOTS_THAT_DIFFER."""
+    contexts, _ = group_pairs(path)
+    return {slot: sum(slot in parse_mr(c) for c in contexts) / len(contexts) for slot in SLOTS_THAT_DIFFER}
+
+
 def pretraining_text(sources: dict[str, str], train_lines: list[str], held_lines: list[str], seed: int = 0) -> str:
     """Tiny Shakespeare's paragraphs, the training MRs' sentences (delexicalised, without their MRs) and
     WebNLG's texts, shuffled into one text, each document ended by <|endoftext|> as in GPT-2's
@@ -252,8 +261,8 @@ class Scale:
     batch_size: int = 8
     eval_iters: int | None = None  # held-out batches per evaluation; None: every held-out pair
     curve_points: int = 4  # held-out losses logged per Table 3 run, for the loss curves
-    full_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)  # candidates, chosen on the held-out MRs
-    lora_lrs: tuple[float, ...] = (4e-3, 1e-2, 2.5e-2)
+    full_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # candidates, chosen on the held-out MRs
+    lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
     max_new_tokens: int = 64  # the authors' E2E decoding limit
@@ -324,10 +333,9 @@ def train_row(argv: list[str]) -> dict:
             raise ValueError(f"{folder} was trained by another command ({record['command']}): use another --out")
         return record
     resume = os.path.isfile(os.path.join(folder, "train_state.pt"))
-    for kind in ("beam", "greedy"):  # decodings of an earlier model, if any, go with it
-        for stale in (f"test-{kind}.json", f"predictions-{kind}.txt"):
-            if os.path.exists(os.path.join(folder, stale)):
-                os.remove(os.path.join(folder, stale))
+    for stale in os.listdir(folder) if os.path.isdir(folder) else []:  # an earlier model's decodings go with it
+        if stale.startswith("predictions-") or stale.endswith(("-beam.json", "-greedy.json")):
+            os.remove(os.path.join(folder, stale))
     started = time.time()
     model = train.main(argv + ["--resume" if resume else "--overwrite"])
     with open(os.path.join(folder, "log.jsonl")) as f:
@@ -346,10 +354,12 @@ def train_row(argv: list[str]) -> dict:
 
 
 def score_row(folder: str, test: str, scale: Scale, beam: bool, device: str, dtype: str, seen: set[str]) -> dict:
-    """Decode the test MRs with a row's model (delexicalised prompts, names put back) and score them:
-    the five metrics and the share of MRs whose name the text realises. Cached in the row's folder."""
+    """Decode the MRs of `test` (E2E's test split, or the held-out pairs) with a row's model (delexicalised
+    prompts, names put back) and score them: the five metrics and the share of MRs whose name the text
+    realises. Cached in the row's folder, by the split's file name and the decoding."""
     kind = "beam" if beam else "greedy"
-    path = os.path.join(folder, f"test-{kind}.json")
+    split = os.path.splitext(os.path.basename(test))[0]
+    path = os.path.join(folder, f"{split}-{kind}.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
@@ -379,7 +389,8 @@ def score_row(folder: str, test: str, scale: Scale, beam: bool, device: str, dty
         **score(predictions, references, java=scale.java),
         "examples": [[c, p] for c, p in zip(contexts[:3], predictions[:3])],
     }
-    with atomic_path(os.path.join(folder, f"predictions-{kind}.txt")) as tmp, open(tmp, "w") as f:
+    name = f"predictions-{kind}.txt" if split == "test" else f"predictions-{split}-{kind}.txt"
+    with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "w") as f:
         f.writelines(p + "\n" for p in predictions)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1)
@@ -407,7 +418,7 @@ def sweep(args: argparse.Namespace) -> dict:
     table6 = {f"r = {r}": (r, "q,v") for r in TABLE6_RANKS}
     later = {folder_name(r, t, 0) for r, t in [*TABLE5.values(), *table6.values()]} - {folder_name(4, "q,v", 0)}
     total = 1 + sum(len(scale.full_lrs if r == 0 else scale.lora_lrs) for r, _ in TABLE3.values()) + len(later)
-    report, trained = {"scale": scale, "runs": {}, "tuning": {}, "table3": {}}, []
+    report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
 
     def run(argv: list[str]) -> dict:
         """A train.py row (read if complete), with a progress line the first time the sweep meets it."""
@@ -440,10 +451,13 @@ def sweep(args: argparse.Namespace) -> dict:
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
         best = candidates[lr]
         report["table3"][method] = best | dict(lr=lr, beam=decoded(best, True), greedy=decoded(best, False))
-    with open(os.path.join(data, "held-out-pairs.txt"), encoding="utf-8") as f:
+    held_out = os.path.join(data, "held-out-pairs.txt")
+    with open(held_out, encoding="utf-8") as f:
         held_pairs = [line for line in f.read().splitlines() if line.strip()]
-    for row in report["table3"].values():  # how well each method learned where a text ends
+    for row in report["table3"].values():  # where a text ends; the held-out MRs, of the training split's kind
         row["end_of_text"] = end_of_text(load_run(row["folder"], None)[0].to(device), held_pairs)
+        row["held_out"] = score_row(row["folder"], held_out, scale, False, device, args.dtype, seen)
+    report["slots"] = {split: slot_shares(os.path.join(data, f"{split}.txt")) for split in ("train-pairs", "test")}
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
     for table, rows in (("table5", TABLE5), ("table6", table6)):
         report[table] = {}
@@ -536,16 +550,32 @@ def mean_words(folder: str, kind: str) -> float:
     return sum(len(t.split()) for t in texts) / len(texts)
 
 
+def unasked_rating(folder: str, kind: str, test: str) -> tuple[float, int]:
+    """The share of a row's decoded test texts that state a rating, among the test MRs that have none; and
+    how many such MRs there are. A slot the training MRs nearly always have, said where it was not asked."""
+    contexts, _ = group_pairs(test)
+    with open(os.path.join(folder, f"predictions-{kind}.txt"), encoding="utf-8") as f:
+        texts = f.read().splitlines()
+    unasked = [t for c, t in zip(contexts, texts) if "customer rating" not in parse_mr(c)]
+    return sum("rating" in t for t in unasked) / max(len(unasked), 1), len(unasked)
+
+
 def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
     """The goals of the miniature, each with the numbers that meet or miss it."""
     t3, t6 = report["table3"], report["table6"]
     full, lora, every = t3["fine-tuning"], t3["LoRA r=4 q,v"], t3["LoRA r=4 q,k,v,o,mlp"]
     share, params = lora["beam"]["BLEU"] / max(full["beam"]["BLEU"], 1e-9), lora["trainable"] / full["trainable"]
-    lrs = list(report["tuning"]["LoRA r=4 q,v"])
-    edge = {lrs[0]: "the smallest", lrs[-1]: "the largest"}.get(lora["lr"], "inside the range")
+
+    def edge(method: str) -> str:
+        lrs = list(report["tuning"][method])
+        where = {lrs[0]: "the smallest", lrs[-1]: "the largest"}.get(t3[method]["lr"], "inside the range")
+        return f"{where} of the candidates ({', '.join(f'{lr:g}' for lr in lrs)})"
+
     table3_s = sum(report["runs"][f]["train_s"] for f in report["table3_runs"])
     table3_s += sum(s for (folder, _), s in decodes.items() if folder in {r["folder"] for r in t3.values()})
     greedy = {name: 100 * row["greedy"]["BLEU"] for name, row in t6.items()}
+    test = os.path.join(report["out"], "data", "test.txt")
+    unasked, unasked_lora = (unasked_rating(row["folder"], "beam", test) for row in (full, lora))
     return [
         f"- **LoRA r=4 on Wq, Wv against fine-tuning** (goal: within 5% of its BLEU with at most 1% of its "
         f"trainable parameters): {100 * share:.0f}% of the BLEU with {100 * params:.2f}% of the parameters, "
@@ -554,6 +584,17 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
         f"{100 * lora['greedy']['BLEU']:.1f} against {100 * full['greedy']['BLEU']:.1f}); the beam's texts average "
         f"{mean_words(lora['folder'], 'beam'):.1f} words with LoRA, {mean_words(full['folder'], 'beam'):.1f} "
         "fine-tuned.",
+        "- **The held-out MRs against the test split.** Greedy BLEU on the held-out MRs (the training split's "
+        f"kind of MR, delexicalised): fine-tuning {100 * full['held_out']['BLEU']:.1f}, LoRA r=4 q,v "
+        f"{100 * lora['held_out']['BLEU']:.1f}, LoRA on every projection {100 * every['held_out']['BLEU']:.1f}; "
+        "the test split's MRs are of another mix (a type, a `near`, a customer rating in "
+        + ", ".join(f"{100 * report['slots']['test'][slot]:.0f}%" for slot in SLOTS_THAT_DIFFER)
+        + " of them; "
+        + ", ".join(f"{100 * report['slots']['train-pairs'][slot]:.0f}%" for slot in SLOTS_THAT_DIFFER)
+        + " of the training MRs), and there the order of BLEU is not the order of the held-out loss. Of the "
+        f"{unasked[1]} test MRs without a customer rating, fine-tuning's beam texts state one in "
+        f"{100 * unasked[0]:.0f}%, LoRA r=4 q,v's in {100 * unasked_lora[0]:.0f}%: fine-tuning writes the "
+        "training MRs' usual slots more, asked or not.",
         f"- **Texts that realise their MRs** (goal: the name in at least 90% of the test texts): "
         f"fine-tuning {100 * full['beam']['name_realised']:.0f}%, LoRA r=4 q,v {100 * lora['beam']['name_realised']:.0f}%.",
         f"- **More weights, more rank**: LoRA on every projection reaches BLEU {100 * every['beam']['BLEU']:.1f} "
@@ -561,22 +602,18 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
         f"{100 * every['trainable'] / full['trainable']:.2f}% of fine-tuning's); on Wq, Wv greedily, r = 1 to 64 give "
         + ", ".join(f"{v:.1f}" for v in greedy.values())
         + f", fine-tuning {100 * full['greedy']['BLEU']:.1f}.",
-        f"- **Learning rate**: LoRA r=4 q,v's lowest held-out loss is at lr {lora['lr']:g}, {edge} of the "
-        f"candidates ({', '.join(f'{lr:g}' for lr in lrs)}); fine-tuning's at {full['lr']:g}.",
+        "- **Learning rates**: each method's lowest held-out loss is at "
+        + "; ".join(f"{method}: lr {t3[method]['lr']:g}, {edge(method)}" for method in report["tuning"])
+        + ".",
         f"- **Time** (goal: Table 3 in at most 30 minutes, the sweep in 90): Table 3's runs (every candidate "
         f"learning rate) and decoding took {table3_s / 60:.1f} minutes.",
-        "- **Where LoRA's gap comes from, as measured here.** Not the rank: from r = 2 on, BLEU stays within "
-        f"{max(list(greedy.values())[1:]) - min(list(greedy.values())[1:]):.1f} points (greedy). Not the learning "
-        "rate, nor α, which under Adam is the same knob (B starts at zero and Adam's steps do not depend on the "
-        "gradient's scale, so ΔW moves by about lr·α/r a step): the held-out loss is nearly flat between the two "
-        f"lowest candidates ({', '.join(f'{v:.3f}' for v in list(report['tuning']['LoRA r=4 q,v'].values())[:2])}) "
-        "and diverges at the largest. More weights help some: LoRA on every projection has a held-out loss of "
-        f"{every['val_loss']:.3f} against q,v's {lora['val_loss']:.3f} and fine-tuning's {full['val_loss']:.3f}. "
-        "The beam search widens the gap: it lengthens LoRA's texts more than fine-tuning's (above). What is left "
-        "is the base, not varied here: it has never seen an MR and cannot copy (the copy test), so writing an "
-        "MR's slots means learning to look them up; fine-tuning learns that with all its weights, LoRA must "
-        "find it in a low-rank change of a few projections of a base that lacks it (§7.3: ΔW amplifies what W "
-        "already has). GPT-2 medium, which the paper adapts, can copy.",
+        "- **What LoRA needs from the base.** LoRA changes a few projections of the base by a low-rank ΔW, "
+        "which amplifies directions W already has (§7.3); what the base cannot do at all, LoRA has to learn in "
+        f"{lora['trainable']:,} parameters. Ending a text is such an ability: this base was pre-trained with "
+        "<|endoftext|> after each document, as GPT-2 was, and after the held-out references -log p(<|endoftext|>) "
+        f"is {lora['end_of_text']:.2f} nats with LoRA r=4 q,v, {full['end_of_text']:.2f} fine-tuned. The first base "
+        "of this page never saw the token, and there LoRA reached 76% of fine-tuning's BLEU ([below](#the-design)). "
+        "Copying is another, which this base still lacks (the copy test): the names are delexicalised for it.",
     ]
 
 
@@ -708,6 +745,18 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         "MR → text pairs. Never the task: no MR occurs in it. Never the test split: no test MR or reference "
         "occurs in it, as it is or delexicalised; nor does any reference of a held-out MR, so the base's "
         "held-out loss is on sentences it never saw (tests/test_miniature.py checks both on the real data).",
+        "",
+        "**An end of text after every document.** GPT-2 was pre-trained with <|endoftext|> between WebText's "
+        "documents, so it knows how a text ends; E2E's targets end with that token (prepare_data.py), and beam "
+        "search stops there. The first base of this page (2026-12-01, the same CPU) had blank lines between its "
+        "documents and never saw the token: -log p(<|endoftext|>) after a held-out sentence was 19.57 nats. "
+        "Fine-tuning learned the end anyway (0.67 nats after a held-out reference), LoRA r=4 q,v did not "
+        "(5.63), and beam search, which ranks whole texts by their log-probability, ran LoRA's texts on to 38.7 "
+        "words against fine-tuning's 29.6 (the references: 27): BLEU 35.0 against 45.8, 76%, where greedy "
+        "decoding gave 91%. This base ends its documents with the token, as GPT-2's pre-training did (the "
+        "column of the base's table, and the line under Table 3). The long texts in that version's test scores "
+        "are what pointed here; the change is GPT-2's own pre-training format, measured on held-out references, "
+        "not a setting chosen by its test BLEU.",
         "",
         "**Delexicalised names.** Writing an MR's name means copying a rare word from the MR, and the copy "
         "test shows this base cannot copy: its loss on a repeated sequence of random tokens is no lower than on "
