@@ -77,8 +77,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass(frozen=True)
@@ -97,10 +96,7 @@ class GPTConfig:
         if bad:
             raise ValueError(f"GPT-2's sizes must be integers >= 1, got {', '.join(bad)}")
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: each head gets n_embd / n_head "
-                "dimensions"
-            )
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: heads split n_embd")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -269,29 +265,33 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, label_smoothing, n_chunks, dtype, needs_grad):
         """Mean cross-entropy of the logits x @ weight.T (n, vocab) at targets (n,), in n_chunks chunks of
-        rows; matmuls in `dtype`, softmax in fp32."""
-        n, vocab = x.size(0), weight.size(0)
+        rows; matmuls in `dtype`. One pass over each chunk's logits, the softmax (fp32 inside the kernel);
+        the rest is done on the (rows, C) and (vocab, C) sides, vocab / C times smaller (65 for GPT-2)."""
+        (n, C), vocab, eps = x.shape, weight.size(0), label_smoothing
         W = weight.to(dtype)  # once, not once per chunk
         weight_grad = needs_grad and weight.requires_grad  # not under no_grad: evaluate() of full fine-tuning
         grad_x, grad_W = [], torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
-        loss = torch.zeros((), device=x.device)
+        mean_w = weight.float().mean(0)  # mean_j logit_j = x · mean_w: the smoothing term, off the logits
+        x_sum, loss = x.new_zeros(C, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
         for x_c, y_c in zip(x.tensor_split(n_chunks), targets.tensor_split(n_chunks)):
             x_c = x_c.to(dtype)
-            log_p = F.log_softmax((x_c @ W.t()).float(), dim=-1)  # (rows, vocab)
-            target_log_p = log_p.gather(1, y_c[:, None])
-            # as F.cross_entropy smooths: (1 - ε)·(-log p_target) + ε·mean_j(-log p_j)
-            loss -= ((1 - label_smoothing) * target_log_p + label_smoothing * log_p.mean(-1, keepdim=True)).sum()
-            if needs_grad:
-                grad = log_p.exp_()  # the softmax, in log_p's memory
-                grad.scatter_add_(1, y_c[:, None], torch.full_like(target_log_p, label_smoothing - 1))
-                grad = grad.sub_(label_smoothing / vocab).div_(n).to(dtype)  # d(mean loss)/d(logits)
-                grad_x.append((grad @ W).to(x.dtype))
-                if grad_W is not None and dtype == torch.float32:
-                    grad_W.addmm_(grad.t(), x_c)  # in place: no (vocab, C) temporary per chunk
-                elif grad_W is not None:
-                    grad_W += grad.t() @ x_c  # half-precision product, summed in fp32
+            logits = x_c @ W.t()  # (rows, vocab)
+            p = torch.softmax(logits, dim=-1)  # the only pass over the logits
+            logit_y, p_y = logits.gather(1, y_c[:, None]).float(), p.gather(1, y_c[:, None]).float()
+            lse = logit_y - p_y.log()  # log Σ_j exp(logit_j), read off the target's probability
+            tiny = (p_y < 1e-30).view(-1)  # where it underflowed: at the sum itself
+            lse[tiny] = torch.logsumexp(logits[tiny].float(), dim=-1, keepdim=True)
+            # as F.cross_entropy smooths: (1 - ε)·(-log p_target) + ε·mean_j(-log p_j), log p_j = logit_j - lse
+            loss += (lse - (1 - eps) * logit_y - eps * (x_c.float() @ mean_w)[:, None]).sum()
+            if needs_grad:  # d(loss)/d(logits) = p - (1 - ε)·onehot(target) - ε/vocab, times n: p is the big part
+                grad_x.append((p @ W).float() - (1 - eps) * weight[y_c].float() - eps * mean_w)
+                if grad_W is not None:
+                    grad_W.addmm_(p.t(), x_c) if dtype == torch.float32 else grad_W.add_(p.t() @ x_c)
+                    grad_W.index_add_(0, y_c, x_c.float(), alpha=eps - 1)
+                    x_sum += x_c.float().sum(0)
         if needs_grad:
-            ctx.save_for_backward(torch.cat(grad_x), grad_W.to(weight.dtype) if grad_W is not None else None)
+            grad_W = None if grad_W is None else grad_W.sub_(eps / vocab * x_sum).div_(n).to(weight.dtype)
+            ctx.save_for_backward((torch.cat(grad_x) / n).to(x.dtype), grad_W)
         return loss / n
 
     @staticmethod

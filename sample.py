@@ -23,7 +23,7 @@ import torch
 
 from lora import load_adapter, merge_lora, read_adapter
 from model import GPT
-from utils import add_hardware_flags, autocast, read_text, resolve_device, resolve_dtype, synchronize
+from utils import add_hardware_flags, for_inference, read_text, resolve_device, resolve_dtype, synchronize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,20 +152,19 @@ def run(args: argparse.Namespace) -> None:
         load_adapter(model, adapter)  # checked against the base
         if args.merge:
             merge_lora(model)
-    model.to(device).eval()
+    for_inference(model, device, dtype)
     encoding, prompts = encode_prompts(model, [text])
 
     synchronize(device)
     start = time.perf_counter()
-    with autocast(device, dtype):
-        outputs = generate_rows(
-            model,
-            prompts * args.num_samples,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            use_cache=args.kv_cache,
-        )
+    outputs = generate_rows(
+        model,
+        prompts * args.num_samples,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        use_cache=args.kv_cache,
+    )
     synchronize(device)
     seconds = time.perf_counter() - start
 

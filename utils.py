@@ -96,6 +96,13 @@ def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
 
+def for_inference(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
+    """The model on `device`, in eval mode, its weights cast once to `dtype` for generation: each step then
+    reads 16-bit weights, where autocast would read the fp32 ones and cast them again at every step. Merge
+    an adapter before (merging is done in fp32); training keeps fp32 weights under `autocast`."""
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def synchronize(device: str) -> None:
     """Wait for the GPU, so that a timer measures the work and not its queueing."""
     if device.startswith("cuda"):

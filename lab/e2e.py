@@ -28,7 +28,7 @@ from lab.beam_search import beam_search
 from lab.e2e_metrics import METRICS, group_pairs, score
 from lora import load_adapter, merge_lora
 from model import GPT
-from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype
+from utils import add_hardware_flags, atomic_path, for_inference, resolve_device, resolve_dtype
 
 # Table 3 of the paper, GPT-2 medium (BLEU, METEOR, ROUGE-L in %, as the paper prints them).
 PAPER_TABLE3 = {
@@ -99,19 +99,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         device = resolve_device(args.device)
         dtype = resolve_dtype(device, args.dtype)  # checked before the model loads
         model, name = load_run(args.run_dir, args.base)
-        model.to(device).eval()
+        for_inference(model, device, dtype)
         print(f"{name}: {len(contexts)} contexts, {sum(map(len, references))} references from {args.pairs}")
         started = time.time()
-        with autocast(device, dtype):
-            predictions = decode(
-                model,
-                contexts,
-                args.batch_size,
-                args.max_new_tokens,
-                num_beams=args.num_beams,
-                length_penalty=args.length_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size,
-            )
+        predictions = decode(
+            model,
+            contexts,
+            args.batch_size,
+            args.max_new_tokens,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+        )
         seconds = time.time() - started
         os.makedirs(out, exist_ok=True)
         with atomic_path(os.path.join(out, "predictions.txt")) as tmp, open(tmp, "w") as f:

@@ -33,7 +33,7 @@ from lora import (
     unmerged,
 )
 from model import GPT
-from utils import add_hardware_flags, autocast, resolve_device, resolve_dtype, unwrap
+from utils import add_hardware_flags, autocast, for_inference, resolve_device, resolve_dtype, unwrap
 
 
 class BankedLoRALinear(LoRALinear):
@@ -204,13 +204,15 @@ def main(argv: list[str] | None = None) -> None:
         model = sample.load_base(args.base or read_adapter(args.adapter[0])[1]["base"])
         for path in dict.fromkeys(args.adapter):  # named by their paths; each checked against the base
             add_adapter(model, path, path)
-        model.to(device).eval()
+        # one mixed batch runs in the 16-bit dtype; --merge merges and unmerges once per adapter, so its weights
+        # stay fp32 under autocast, where unmerging gives W0 back (16-bit weights would drift by a rounding a time)
+        for_inference(model, device, torch.float32 if args.merge else dtype)
         texts = [sample.read_prompt(p) for p in args.prompt or ["\n"]]  # text, or FILE:path, as sample.py reads it
         if len(texts) not in (1, len(args.adapter)):
             raise ValueError(f"give one --prompt or one per --adapter: {len(texts)} for {len(args.adapter)} adapters")
         texts = texts * len(args.adapter) if len(texts) == 1 else texts
         encoding, prompts = sample.encode_prompts(model, texts)
-        with autocast(device, dtype):
+        with autocast(device, dtype) if args.merge else nullcontext():
             outputs = generate_with_adapters(
                 model, prompts, args.adapter, args.merge, args.max_new_tokens, temperature=args.temperature
             )

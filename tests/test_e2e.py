@@ -58,6 +58,8 @@ def test_decodes_each_context_once_and_writes_what_the_official_script_reads(lor
         "1",
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # exact values: the fp32 decode below
     ]
     scores = e2e.main(argv)
     out = os.path.join(lora_run, "e2e-test")

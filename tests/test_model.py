@@ -122,6 +122,18 @@ def test_chunked_loss_has_the_plain_loss_and_gradients(monkeypatch, label_smooth
         assert torch.allclose(grad, plain_grad, atol=1e-7, rtol=1e-5)
 
 
+def test_chunked_loss_where_the_targets_probability_underflows(monkeypatch):
+    """Logits 300 apart: exp underflows to 0 at some targets, so their log-sum-exp is not read off the softmax."""
+    monkeypatch.setattr(model, "LOSS_CHUNK_ROWS", 4)
+    torch.manual_seed(0)
+    x, weight = (100 * torch.randn(9, 16)).requires_grad_(), torch.randn(101, 16)
+    targets = torch.randint(101, (9,))
+    loss = model.chunked_cross_entropy(x, weight, targets, 0.1)
+    plain = F.cross_entropy(x @ weight.t(), targets, label_smoothing=0.1)
+    assert plain.item() > 100 and torch.isfinite(loss) and torch.allclose(loss, plain, rtol=1e-5)
+    assert torch.allclose(torch.autograd.grad(loss, x)[0], torch.autograd.grad(plain, x)[0], atol=1e-6)
+
+
 def test_chunked_loss_under_bf16_autocast_is_the_plain_one_within_bf16_rounding(tiny_model, monkeypatch):
     monkeypatch.setattr(model, "LOSS_CHUNK_ROWS", 5)
     idx, targets = torch.randint(0, TINY.vocab_size, (2, 12)), torch.randint(0, TINY.vocab_size, (2, 12))

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import sample
 from conftest import ROOT
 from lab import multi_adapter
 from lora import LoRAConfig, apply_lora, lora_layers, save_adapter
@@ -127,3 +128,19 @@ def test_bad_input_is_one_clear_error(runs, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert str(exit_info.value).startswith("sample.py: error: ") and message in str(exit_info.value)
+
+
+def test_16_bit_generation_runs_on_16_bit_weights(runs, capsys, monkeypatch):
+    """--dtype bfloat16 casts the weights once, after merging, instead of autocasting fp32 weights every step."""
+    seen = {}
+
+    def generate_rows(model, *args, **kwargs):
+        seen["dtypes"] = {p.dtype for p in model.parameters()}
+        seen["merged"] = all(layer.merged for layer in lora_layers(model))
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return [[464]]
+
+    monkeypatch.setattr(sample, "generate_rows", generate_rows)
+    main(["--run-dir", "run_a", "--merge", "--dtype", "bfloat16", "--max-new-tokens", "1"])
+    assert seen == {"dtypes": {torch.bfloat16}, "merged": True, "autocast": False}
+    assert "tokens/s (merged, KV cache, cpu, bfloat16)" in capsys.readouterr().out
