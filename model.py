@@ -265,8 +265,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, label_smoothing, n_chunks, dtype, needs_grad):
         """Mean cross-entropy of the logits x @ weight.T (n, vocab) at targets (n,), in n_chunks chunks of
-        rows; matmuls in `dtype`. One pass over each chunk's logits, the softmax (fp32 inside the kernel);
-        the rest is done on the (rows, C) and (vocab, C) sides, vocab / C times smaller (65 for GPT-2)."""
+        rows; matmuls in `dtype`. The softmax (fp32 inside the kernel) is the one pass that writes each chunk's
+        logits; the rest is done on the (rows, C) and (vocab, C) sides, vocab / C times smaller."""
         (n, C), vocab, eps = x.shape, weight.size(0), label_smoothing
         W = weight.to(dtype)  # once, not once per chunk
         weight_grad = needs_grad and weight.requires_grad  # not under no_grad: evaluate() of full fine-tuning
@@ -276,11 +276,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for x_c, y_c in zip(x.tensor_split(n_chunks), targets.tensor_split(n_chunks)):
             x_c = x_c.to(dtype)
             logits = x_c @ W.t()  # (rows, vocab)
-            p = torch.softmax(logits, dim=-1)  # the only pass over the logits
-            logit_y, p_y = logits.gather(1, y_c[:, None]).float(), p.gather(1, y_c[:, None]).float()
-            lse = logit_y - p_y.log()  # log Σ_j exp(logit_j), read off the target's probability
-            tiny = (p_y < 1e-30).view(-1)  # where it underflowed: at the sum itself
-            lse[tiny] = torch.logsumexp(logits[tiny].float(), dim=-1, keepdim=True)
+            p = torch.softmax(logits, dim=-1)  # the one pass that writes (rows, vocab); two maxima read it:
+            # log Σ_j exp(logit_j) = max logit - log max p, and max p >= 1/vocab never underflows
+            lse = logits.amax(-1, keepdim=True).float() - p.amax(-1, keepdim=True).float().log()
+            logit_y = logits.gather(1, y_c[:, None]).float()
             # as F.cross_entropy smooths: (1 - ε)·(-log p_target) + ε·mean_j(-log p_j), log p_j = logit_j - lse
             loss += (lse - (1 - eps) * logit_y - eps * (x_c.float() @ mean_w)[:, None]).sum()
             if needs_grad:  # d(loss)/d(logits) = p - (1 - ε)·onehot(target) - ε/vocab, times n: p is the big part
