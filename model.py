@@ -271,7 +271,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         W = weight.to(dtype)  # once, not once per chunk
         weight_grad = needs_grad and weight.requires_grad  # not under no_grad: evaluate() of full fine-tuning
         grad_x, grad_W = [], torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
-        mean_w = weight.float().mean(0)  # mean_j logit_j = x · mean_w: the smoothing term, off the logits
+        mean_w = weight.mean(0, dtype=torch.float32)  # mean_j logit_j = x · mean_w, without a copy of weight
         x_sum, loss = x.new_zeros(C, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
         for x_c, y_c in zip(x.tensor_split(n_chunks), targets.tensor_split(n_chunks)):
             x_c = x_c.to(dtype)
@@ -285,7 +285,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if needs_grad:  # d(loss)/d(logits) = p - (1 - ε)·onehot(target) - ε/vocab, times n: p is the big part
                 grad_x.append((p @ W).float() - (1 - eps) * weight[y_c].float() - eps * mean_w)
                 if grad_W is not None:
-                    grad_W.addmm_(p.t(), x_c) if dtype == torch.float32 else grad_W.add_(p.t() @ x_c)
+                    if dtype == torch.float32:
+                        grad_W.addmm_(p.t(), x_c)  # in place: no (vocab, C) temporary per chunk
+                    else:
+                        grad_W += p.t() @ x_c  # half-precision product, summed in fp32
                     grad_W.index_add_(0, y_c, x_c.float(), alpha=eps - 1)
                     x_sum += x_c.float().sum(0)
         if needs_grad:
@@ -305,8 +308,7 @@ def chunked_cross_entropy(
     """F.cross_entropy(x @ weight.T, targets, label_smoothing=...) for x (n, C), weight (vocab, C): the same
     value and gradients, in the autocast dtype when autocast is on. The rows go in chunks of about
     LOSS_CHUNK_ROWS, counted on `positions` (B·T, a static shape under torch.compile) when given."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     n_chunks = max(1, (positions or x.size(0)) // LOSS_CHUNK_ROWS)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(x, weight, targets, label_smoothing, n_chunks, dtype, needs_grad)

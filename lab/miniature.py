@@ -235,9 +235,10 @@ def end_of_text(model, texts: list[str]) -> float:
     model.eval()
     for text in texts:
         context, is_pair, target = (part.strip() for part in text.partition("||"))
-        tokens = [eot] + encoding.encode_ordinary(context)
         if is_pair:
-            tokens = tokens[1:] + separator + encoding.encode_ordinary(" " + target)
+            tokens = encoding.encode_ordinary(context) + separator + encoding.encode_ordinary(" " + target)
+        else:
+            tokens = [eot] + encoding.encode_ordinary(context)
         logits, _ = model(torch.tensor([tokens], device=device))
         losses.append(-float(torch.log_softmax(logits[0, -1].float(), dim=-1)[eot]))
     return sum(losses) / len(losses)
@@ -543,10 +544,15 @@ def names_cell(row: dict) -> str:
     return f"{100 * row['name_realised']:.0f}% ({unseen}/{n_unseen} unseen)"
 
 
-def mean_words(folder: str, kind: str) -> float:
-    """The mean length in words of a row's decoded texts (predictions-beam.txt or -greedy.txt)."""
+def decoded_texts(folder: str, kind: str) -> list[str]:
+    """A row's decoded test texts (predictions-beam.txt or -greedy.txt), one per test MR."""
     with open(os.path.join(folder, f"predictions-{kind}.txt"), encoding="utf-8") as f:
-        texts = f.read().splitlines()
+        return f.read().splitlines()
+
+
+def mean_words(folder: str, kind: str) -> float:
+    """The mean length in words of a row's decoded test texts."""
+    texts = decoded_texts(folder, kind)
     return sum(len(t.split()) for t in texts) / len(texts)
 
 
@@ -554,9 +560,7 @@ def unasked_rating(folder: str, kind: str, test: str) -> tuple[float, int]:
     """The share of a row's decoded test texts that state a rating, among the test MRs that have none; and
     how many such MRs there are. A slot the training MRs nearly always have, said where it was not asked."""
     contexts, _ = group_pairs(test)
-    with open(os.path.join(folder, f"predictions-{kind}.txt"), encoding="utf-8") as f:
-        texts = f.read().splitlines()
-    unasked = [t for c, t in zip(contexts, texts) if "customer rating" not in parse_mr(c)]
+    unasked = [t for c, t in zip(contexts, decoded_texts(folder, kind)) if "customer rating" not in parse_mr(c)]
     return sum("rating" in t for t in unasked) / max(len(unasked), 1), len(unasked)
 
 
