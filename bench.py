@@ -12,10 +12,12 @@ Two tables measure them, each row against its reference:
   Adapter^L (lab/adapter_baselines.py);
   median, min and max over trials after a warm-up; the reference is the base.
 - training: full fine-tuning vs LoRA (r=4 on q,v; r=4 on every target) on one batch of random
-  tokens: trainable parameters, optimizer state, peak memory, step time, tokens/s, model FLOP/s and
-  its share of the measured matmul peak, and checkpoint size; each configuration in a fresh process,
-  so peak memory is its own; the reference is full fine-tuning. `--peers` adds Hugging Face GPT-2
-  with full fine-tuning and with PEFT's LoRA.
+  tokens: trainable parameters, optimizer state, step time, tokens/s, model FLOP/s and its share of
+  the measured matmul peak, checkpoint size, and peak memory: of tensors, as the paper counts it (GPU
+  memory), and on a CPU also the process's resident set (its runtime and allocator included, counted
+  from the first step); each configuration in a fresh process, so its peaks are its own; the
+  reference is full fine-tuning. `--peers` adds Hugging Face GPT-2 with full fine-tuning and with
+  PEFT's LoRA.
 Several adapters in one batch are the lab's (lab/multi_adapter.py); `python -m lab.bench_mixed` measures
 them with this file's timing and rows.
 
@@ -96,9 +98,44 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak afresh, so that it measures training and not building the model: on a CPU, a
+    16-bit base is made in fp32 and cast, and that moment's fp32 copy would otherwise be the peak.
+    On Linux, writing 5 to /proc's clear_refs resets VmHWM; elsewhere the peak keeps the setup's."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_tensor_bytes(step: Callable[[], object], alive: list[torch.Tensor], device: str) -> int:
+    """The most bytes held by tensors during one call of `step`, as the paper counts memory: the `alive`
+    tensors (weights, optimizer state), plus the peak of what the step allocates on top. On a GPU,
+    torch.cuda.max_memory_allocated; on a CPU, torch.profiler's allocation events (their running total
+    starts at zero with the profiler). Neither counts the runtime or memory the allocator keeps."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        timed(step, device)
+        return torch.cuda.max_memory_allocated(device)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}  # tied weights once
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return sum(storages.values()) + max([0, *allocated])
+
+
 def peak_resident_bytes() -> int:
-    """This process's peak resident memory. On Linux, /proc's VmHWM, which starts afresh at exec:
-    ru_maxrss does not, so a spawned child would report its parent's peak if that was higher."""
+    """This process's peak resident memory since exec or `reset_peak_memory`. On Linux, /proc's VmHWM:
+    ru_maxrss (the fallback) cannot be reset, and a spawned child would report its parent's peak."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -293,6 +330,7 @@ def measure_training(
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
     batch, seq = shape
     x = torch.randint(model.config.vocab_size, (batch, seq), device=device)
+    reset_peak_memory(device)
 
     def step():
         with autocast(device, dtype):  # no GradScaler for float16: these steps are timed, not trained
@@ -304,10 +342,10 @@ def measure_training(
     for _ in range(warmup):
         step()
     seconds = [timed(step, device) for _ in range(trials)]
-    peak_memory = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else peak_resident_bytes()
-    optimizer_bytes = sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
+    resident = peak_resident_bytes()  # over the steps above: the process, its runtime and allocator included
+    state = [t for values in optimizer.state.values() for t in values.values() if torch.is_tensor(t)]
+    peak_memory = peak_tensor_bytes(step, [*model.parameters(), *model.buffers(), *state], device)  # one more step
+    optimizer_bytes = sum(t.numel() * t.element_size() for t in state)
     with tempfile.TemporaryDirectory() as folder:
         save(folder)
         checkpoint_bytes = sum(
@@ -323,6 +361,7 @@ def measure_training(
         "trainable params": [trainable_parameters(model)],
         "optimizer state": [optimizer_bytes],
         "peak memory": [peak_memory],
+        **({} if device.startswith("cuda") else {"peak resident": [resident]}),
         "checkpoint": [checkpoint_bytes],
     }
 
@@ -335,6 +374,7 @@ UNITS = {
     "trainable params": "",
     "optimizer state": "B",
     "peak memory": "B",
+    "peak resident": "B",
     "checkpoint": "B",
 }
 
@@ -434,9 +474,9 @@ def latency_table(rows: list[dict]) -> str:
 
 def training_table(rows: list[dict]) -> str:
     """Configurations down, metrics across: each value with its ratio to full fine-tuning."""
-    metrics = list(UNITS)
-    names = list(dict.fromkeys(r["what"] for r in rows))
     cells = {(r["what"], r["metric"]): r for r in rows}
+    metrics = [m for m in UNITS if any(metric == m for _, metric in cells)]  # no resident set on a GPU
+    names = list(dict.fromkeys(r["what"] for r in rows))
     lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name in names:
         out = [human(cells[name, m]["median"], UNITS[m]) for m in metrics]

@@ -79,9 +79,24 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
         assert by_key[what, "model FLOP/s"] == pytest.approx((4 if lora else 6) * n * by_key[what, "tokens/s"])
         peak = next(r["matmul_peak"] for r in rows if r["what"] == what)
         assert by_key[what, "of matmul peak"] == pytest.approx(100 * by_key[what, "model FLOP/s"] / peak)
+    # tensors at the peak: full fine-tuning holds fp32 weights, their gradients and two AdamW moments
+    assert by_key[bench.FULL, "peak memory"] >= 16 * n_params
+    assert 4 * n_params <= by_key["LoRA r=4 q,v", "peak memory"] < by_key[bench.FULL, "peak memory"]
     printed = capsys.readouterr().out
     assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed
     assert (out / "bench.png").stat().st_size > 0
+
+
+def test_peak_tensor_bytes_adds_the_alive_to_the_steps_peak():
+    alive = torch.zeros(1_000_000)  # 4 MB
+
+    def step():
+        big = torch.ones(5_000_000)  # 20 MB, freed before the next
+        del big
+        return torch.ones(2_500_000)  # 10 MB
+
+    peak = bench.peak_tensor_bytes(step, [alive, alive[:10]], "cpu")  # a view shares its storage: counted once
+    assert 24e6 <= peak < 24.01e6
 
 
 @pytest.mark.parametrize(
