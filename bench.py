@@ -54,7 +54,15 @@ from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
 from lora import TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from model import GPT, PRETRAINED, hf_config
 from train import freeze_base_in
-from utils import add_hardware_flags, atomic_path, autocast, resolve_device, resolve_dtype, synchronize
+from utils import (
+    add_hardware_flags,
+    atomic_path,
+    autocast,
+    for_inference,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+)
 
 LORA_RANK = 4  # alpha 8, lora.py's default
 
@@ -226,6 +234,73 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
                 row(args, "inference", name, "latency", "ms", values, BASE, shape=f"{batch}x{seq}", params=params)
             )
     return rows
+
+
+# ---- decoding: one token at a time ----------------------------------------------------------------
+
+OURS = "ours (model.generate)"
+DECODE_PROMPT = 16  # prompt tokens before the timed new ones
+
+
+def decode_floor(model: nn.Module) -> Callable[[], object]:
+    """A token's worth of the model's matrix-vector products and nothing else: every nn.Linear on one
+    row (the 4 of each block and lm_head, 124M weights read once at GPT-2 small), in the weights' dtype.
+    Reading the weights is what bounds decoding at batch 1; a decoder is as fast only with no overhead."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    rows = [m.weight.new_zeros(1, m.in_features).normal_() for m in linears]
+
+    def token():
+        for m, x in zip(linears, rows):
+            F.linear(x, m.weight, m.bias)
+
+    return token
+
+
+def hf_decoder(model: GPT, dtype: torch.dtype) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """transformers' GPT2LMHeadModel with the same weights in `dtype`, greedy, exactly n new tokens."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(model.lm_head.weight.device).eval()
+
+    def generate(x, n):
+        return hf.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+
+    return generate
+
+
+@torch.no_grad()
+def decoding_rows(args: argparse.Namespace) -> list[dict]:
+    """Tokens/s of greedy decoding at batch 1 on weights cast once to --dtype (as sample.py decodes): ours,
+    transformers' with --peers, and the floor of the model's matrix-vector products alone. Round-robin
+    trials, as for latency."""
+    device, dtype, n = args.device, resolve_dtype(args.device, args.dtype), args.decode_tokens
+    torch.manual_seed(0)
+    model = build_model(args.size, device).eval()
+    contenders = {}
+    if args.peers:
+        contenders["transformers (generate)"] = hf_decoder(model, dtype)  # from the fp32 weights, as ours
+    for_inference(model, device, dtype)
+    contenders[OURS] = lambda x, n: model.generate(x, n, temperature=0)
+    token = decode_floor(model)
+    contenders["floor: its matrix-vector products"] = lambda x, n: [token() for _ in range(n)]
+    x = torch.randint(model.config.vocab_size, (1, DECODE_PROMPT), device=device)
+    for decode in contenders.values():
+        for _ in range(args.warmup):
+            decode(x, 8)
+    seconds = {name: [] for name in contenders}
+    for _ in tqdm(range(args.trials), desc=f"decoding {n} tokens", leave=False):
+        for name, decode in contenders.items():
+            seconds[name].append(timed(lambda: decode(x, n), device))
+    shape = f"1x{DECODE_PROMPT}+{n}"
+    return [
+        row(args, "decoding", name, "tokens/s", "tokens/s", [n / s for s in seconds[name]], OURS, shape=shape)
+        for name in contenders
+    ]
 
 
 # ---- training efficiency (§4.2) ---------------------------------------------------------------------
@@ -503,10 +578,22 @@ def training_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decoding_table(rows: list[dict]) -> str:
+    """Decoders down: tokens/s median [min–max], ms a token, and ours against each."""
+    lines = ["| | tokens/s | ms a token | ours ÷ this |", "|---|---:|---:|---:|"]
+    for r in rows:
+        cell = f"{number(r['median'])} [{number(r['min'])}–{number(r['max'])}]"
+        ours = "" if r["what"] == r["reference"] else f"×{1 / r['ratio']:.3g}"
+        lines.append(f"| {r['what']} | {cell} | {number(1000 / r['median'])} | {ours} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], formats: dict[str, Callable[[list[dict]], str]] | None = None) -> str:
     """Every table of `rows`, each with the model, shape(s), device and dtype it was measured on."""
     parts = []
-    for table, format_table in (formats or {"inference": latency_table, "training": training_table}).items():
+    for table, format_table in (
+        formats or {"inference": latency_table, "decoding": decoding_table, "training": training_table}
+    ).items():
         table_rows = [r for r in rows if r["table"] == table]
         if table_rows:
             r = table_rows[0]
@@ -615,17 +702,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
     parser.add_argument("--warmup", type=int, help="untimed ones before them")
     parser.add_argument(
-        "--peers", action="store_true", help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA"
+        "--peers",
+        action="store_true",
+        help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA, and decode with transformers",
     )
     keys = ", ".join(run.key for run in TRAINING_RUNS)
     parser.add_argument("--train-runs", help=f"only these training rows, comma-separated, of: {keys}")
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
+    parser.add_argument("--skip-decoding", action="store_true", help="leave out the decoding table")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens a timed decode (batch 1) makes")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
     args = parser.parse_args(argv)
     check_model_flags(args, DEFAULTS)
-    if args.trials < 1 or args.warmup < 0:
-        raise ValueError("--trials must be >= 1 and --warmup >= 0")
+    if args.trials < 1 or args.warmup < 0 or args.decode_tokens < 1:
+        raise ValueError("--trials and --decode-tokens must be >= 1, --warmup >= 0")
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
     if args.train_runs is not None:
         args.train_runs = [key.strip() for key in args.train_runs.split(",")]
@@ -641,6 +732,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     if not args.skip_inference:
         rows += inference_rows(args)
+    if not args.skip_decoding:
+        rows += decoding_rows(args)
     if not args.skip_training:
         rows += training_rows(args)
     # Another table is one more function returning rows (with a reference row) and, in markdown(), its format.

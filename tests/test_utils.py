@@ -1,7 +1,11 @@
+import time
+
 import pytest
 import torch
+from torch import nn
 
 import utils
+from conftest import TINY
 
 
 @pytest.mark.parametrize(
@@ -24,3 +28,28 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_multiplies_bf16_natively(monk
 def test_an_unknown_dtype_names_the_choices():
     with pytest.raises(ValueError, match="unknown dtype 'half': choose auto, float32, bfloat16, float16"):
         utils.resolve_dtype("cpu", "half")
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_for_inference_lays_the_weights_out_as_the_cpu_multiplies_a_row_faster(tiny_model, monkeypatch, transposed):
+    monkeypatch.setattr(utils, "transposed_gemv_is_faster", lambda dtype: transposed)
+    x = torch.randint(TINY.vocab_size, (2, 5))
+    with torch.no_grad():
+        logits, tokens = tiny_model(x)[0], tiny_model.generate(x, 8, temperature=0)
+    utils.for_inference(tiny_model, "cpu", torch.float32)
+    for w in (m.weight for m in tiny_model.modules() if isinstance(m, nn.Linear)):
+        assert w.stride() == ((1, w.size(0)) if transposed else (w.size(1), 1))
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(x)[0], logits, atol=1e-5)
+        assert torch.equal(tiny_model.generate(x, 8, temperature=0), tokens)
+
+
+@pytest.mark.parametrize("faster", ["transposed", "as stored"])
+def test_the_layout_is_chosen_by_timing_both(monkeypatch, faster):
+    slow, fast = (0.004, 0.001) if faster == "transposed" else (0.001, 0.004)
+    monkeypatch.setattr(utils.F, "linear", lambda x, w: time.sleep(slow if w.is_contiguous() else fast))
+    utils.transposed_gemv_is_faster.cache_clear()
+    try:
+        assert utils.transposed_gemv_is_faster(torch.float32) == (faster == "transposed")
+    finally:
+        utils.transposed_gemv_is_faster.cache_clear()
