@@ -53,3 +53,37 @@ def test_the_layout_is_chosen_by_timing_both(monkeypatch, faster):
         assert utils.transposed_gemv_is_faster(torch.float32) == (faster == "transposed")
     finally:
         utils.transposed_gemv_is_faster.cache_clear()
+
+
+@pytest.mark.parametrize("where", ["causal", "after a past", "one new token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_written_out_equals_torchs_in_values_and_gradients(where, dtype):
+    torch.manual_seed(0)
+    T, past = {"causal": (6, 0), "after a past": (3, 4), "one new token": (1, 5)}[where]
+    q, k, v = torch.randn(2, 3, T, 8), torch.randn(2, 3, past + T, 8), torch.randn(2, 3, past + T, 8)
+    mask = torch.ones(T, past + T, dtype=torch.bool).tril(past) if past and T > 1 else None
+
+    def attend(attention):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        y = attention(*inputs, mask, is_causal=past == 0, dropout_p=0.0)
+        y.float().pow(2).sum().backward()
+        return [y.float(), *(t.grad.float() for t in inputs)]
+
+    def torchs(q, k, v, mask, is_causal, dropout_p):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
+
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.03, rtol=0.03)
+    for written, reference in zip(attend(utils.written_out_attention), attend(torchs)):
+        assert torch.allclose(written, reference, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("faster", [True, False])
+def test_attention_is_written_out_only_for_bf16_where_timed_faster(monkeypatch, dtype, faster):
+    monkeypatch.setattr(utils, "written_out_attention_is_faster", lambda dtype: faster)
+    monkeypatch.setattr(utils, "written_out_attention", lambda *args: "written out")
+    q = torch.randn(1, 2, 4, 8, dtype=dtype)
+    written = utils.attention(q, q, q, None, is_causal=True, dropout_p=0.0)
+    assert (written == "written out") == (faster and dtype == torch.bfloat16)
+    long = torch.randn(1, 1, 513, 8, dtype=dtype)  # over 512 keys, flash is faster and keeps less
+    assert not isinstance(utils.attention(long, long, long, None, is_causal=True, dropout_p=0.0), str)
