@@ -6,11 +6,14 @@ The paper claims (Hu et al., 2021):
 - §4.2 "Practical Benefits": on GPT-3 175B, LoRA cuts training memory from 1.2 TB to 350 GB (3×),
   the checkpoint from 350 GB to 35 MB (10,000×), and trains 25% faster.
 
-Two tables measure them, each row against its reference:
+Three tables measure them, each row against its reference:
 - inference: one forward pass without gradients, per (batch, seq) shape, for the base model
   (= a fully fine-tuned model), merged LoRA, unmerged LoRA, and the adapter baselines Adapter^H and
   Adapter^L (lab/adapter_baselines.py);
   median, min and max over trials after a warm-up; the reference is the base.
+- decoding: what serving a merged adapter costs a token, greedy at batch 1: tokens/s of ours, of
+  transformers' generate with `--peers`, and of the floor, the model's matrix-vector products alone;
+  the reference is ours.
 - training: full fine-tuning vs LoRA (r=4 on q,v; r=4 on every target) on one batch of random
   tokens: trainable parameters, optimizer state, step time, tokens/s, model FLOP/s and its share of
   the measured matmul peak, checkpoint size, and peak memory: of tensors, as the paper counts it (GPU

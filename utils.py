@@ -170,8 +170,8 @@ def written_out_attention(
 @functools.cache
 def written_out_attention_is_faster(dtype: torch.dtype) -> bool:
     """Whether attention written out beats F.scaled_dot_product_attention by 10%, forward and backward of
-    1x12x256x64 causal in `dtype` on the CPU: timed once a process (~0.1 s), as kernels differ by CPU;
-    whether the caller is under no_grad, inference_mode or autocast does not matter."""
+    1x12x256x64 causal in `dtype` on the CPU: timed once a process (~0.1 s, at the first call), as kernels
+    differ by CPU."""
 
     def best_of(product) -> float:
         seconds = []
@@ -181,7 +181,10 @@ def written_out_attention_is_faster(dtype: torch.dtype) -> bool:
             seconds.append(time.perf_counter() - start)
         return min(seconds[1:])  # the first call warms up
 
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):  # as called
+    # whatever the caller is under: no_grad, inference_mode, autocast, or activation checkpointing's hooks,
+    # which would count these tensors as the checkpointed block's (the identity hooks are innermost)
+    identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), identity:
         q, k, v = (torch.randn(1, 12, 256, 64, dtype=dtype, requires_grad=True) for _ in range(3))
         flash = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         written_out = best_of(lambda: written_out_attention(q, k, v, None, True, 0.0))
