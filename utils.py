@@ -8,7 +8,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -122,31 +122,36 @@ def transposed_gemv_is_faster(dtype: torch.dtype) -> bool:
     product 12.2 -> 6.9 ms), bf16 no (4.2 -> 6.3 ms); docs/benchmarks.md."""
     weight = torch.ones(32768, 768, dtype=dtype)
     x = torch.ones(1, 768, dtype=dtype)
+    row_major = best_seconds(lambda: F.linear(x, weight))
+    weight = weight.t().contiguous().t()
+    return best_seconds(lambda: F.linear(x, weight)) < 0.9 * row_major
 
-    def best_of(w: torch.Tensor) -> float:
-        seconds = []
-        for _ in range(4):
-            start = time.perf_counter()
-            F.linear(x, w)
-            seconds.append(time.perf_counter() - start)
-        return min(seconds[1:])  # the first call warms up
 
-    row_major = best_of(weight)
-    return best_of(weight.t().contiguous().t()) < 0.9 * row_major
+def best_seconds(fn: Callable[[], object]) -> float:
+    """The fastest of three timed calls of `fn`, after one that warms up: for a choice made once, at run time."""
+    seconds = []
+    for _ in range(4):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds[1:])
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√hs, masked)·v over (B, nh, T, hs), `mask` boolean (True: attend) or `is_causal`:
-    F.scaled_dot_product_attention, or the same written out for bf16 on a CPU, up to 512 keys, where timed
-    faster. On 2 cores of an AMD EPYC (AVX512-BF16), forward and backward of 4x12x256x64: torch's CPU flash
-    kernel 32.6 ms, written out 19.8 ms; at 1,024 keys flash wins (38.0 against 64.4 ms) and the written-out
-    scores, kept for the backward pass, grow as T². Written out, the scores are rounded to bf16 (as in eager
+    F.scaled_dot_product_attention, or the same written out when training in bf16 on a CPU, up to 512 keys,
+    where timed faster. On 2 cores of an AMD EPYC (AVX512-BF16), forward and backward of 4x12x256x64:
+    torch's CPU flash kernel 32.6 ms, written out 19.8 ms; at 1,024 keys flash wins (38.0 against 64.4 ms)
+    and the written-out scores, kept for the backward pass, grow as T². Without gradients the winner
+    depends on the shape (one new token over 64 keys: flash 53 µs at batch 1, written out 103 against
+    453 µs at batch 10), so inference keeps flash. Written out, the scores are rounded to bf16 (as in eager
     attention under autocast; flash keeps them in fp32). Under torch.compile, the compiler chooses."""
     if (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
+        and torch.is_grad_enabled()
         and k.size(-2) <= 512
         and not torch.compiler.is_compiling()
         and written_out_attention_is_faster(q.dtype)
@@ -172,22 +177,13 @@ def written_out_attention_is_faster(dtype: torch.dtype) -> bool:
     """Whether attention written out beats F.scaled_dot_product_attention by 10%, forward and backward of
     1x12x256x64 causal in `dtype` on the CPU: timed once a process (~0.1 s, at the first call), as kernels
     differ by CPU."""
-
-    def best_of(product) -> float:
-        seconds = []
-        for _ in range(4):
-            start = time.perf_counter()
-            product().sum().backward()
-            seconds.append(time.perf_counter() - start)
-        return min(seconds[1:])  # the first call warms up
-
     # whatever the caller is under: no_grad, inference_mode, autocast, or activation checkpointing's hooks,
     # which would count these tensors as the checkpointed block's (the identity hooks are innermost)
     identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), identity:
         q, k, v = (torch.randn(1, 12, 256, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-        flash = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        written_out = best_of(lambda: written_out_attention(q, k, v, None, True, 0.0))
+        flash = best_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward())
+        written_out = best_seconds(lambda: written_out_attention(q, k, v, None, True, 0.0).sum().backward())
     return written_out < 0.9 * flash
 
 

@@ -79,7 +79,7 @@ def test_attention_written_out_equals_torchs_in_values_and_gradients(where, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("faster", [True, False])
-def test_attention_is_written_out_only_for_bf16_where_timed_faster(monkeypatch, dtype, faster):
+def test_attention_is_written_out_only_to_train_in_bf16_where_timed_faster(monkeypatch, dtype, faster):
     monkeypatch.setattr(utils, "written_out_attention_is_faster", lambda dtype: faster)
     monkeypatch.setattr(utils, "written_out_attention", lambda *args: "written out")
     q = torch.randn(1, 2, 4, 8, dtype=dtype)
@@ -87,3 +87,5 @@ def test_attention_is_written_out_only_for_bf16_where_timed_faster(monkeypatch, 
     assert (written == "written out") == (faster and dtype == torch.bfloat16)
     long = torch.randn(1, 1, 513, 8, dtype=dtype)  # over 512 keys, flash is faster and keeps less
     assert not isinstance(utils.attention(long, long, long, None, is_causal=True, dropout_p=0.0), str)
+    with torch.no_grad():  # inference keeps flash
+        assert not isinstance(utils.attention(q, q, q, None, is_causal=True, dropout_p=0.0), str)
