@@ -242,6 +242,7 @@ def inference_rows(args: argparse.Namespace) -> list[dict]:
 # ---- decoding: one token at a time ----------------------------------------------------------------
 
 OURS = "ours (model.generate)"
+COMPILED = "ours, torch.compile"
 DECODE_PROMPT = 16  # prompt tokens before the timed new ones
 
 
@@ -279,8 +280,8 @@ def hf_decoder(model: GPT, dtype: torch.dtype) -> Callable[[torch.Tensor, int], 
 @torch.no_grad()
 def decoding_rows(args: argparse.Namespace) -> list[dict]:
     """Tokens/s of greedy decoding at batch 1 on weights cast once to --dtype (as sample.py decodes): ours,
-    transformers' with --peers, and the floor of the model's matrix-vector products alone. Round-robin
-    trials, as for latency."""
+    ours under torch.compile with --compile, transformers' with --peers, and the floor of the model's
+    matrix-vector products alone. Round-robin trials, as for latency."""
     device, dtype, n = args.device, resolve_dtype(args.device, args.dtype), args.decode_tokens
     torch.manual_seed(0)
     model = build_model(args.size, device).eval()
@@ -289,9 +290,15 @@ def decoding_rows(args: argparse.Namespace) -> list[dict]:
         contenders["transformers (generate)"] = hf_decoder(model, dtype)  # from the fp32 weights, as ours
     for_inference(model, device, dtype)
     contenders[OURS] = lambda x, n: model.generate(x, n, temperature=0)
+    x = torch.randint(model.config.vocab_size, (1, DECODE_PROMPT), device=device)
+    compile_seconds = {}
+    if args.compile:  # the blocks compiled, for any number of cached tokens: generate calls hidden_states a step
+        compiled = copy.deepcopy(model)
+        compiled.hidden_states = torch.compile(compiled.hidden_states, dynamic=True)
+        compile_seconds[COMPILED] = timed(lambda: compiled.generate(x, 2, temperature=0), device)
+        contenders[COMPILED] = lambda x, n: compiled.generate(x, n, temperature=0)
     token = decode_floor(model)
     contenders["floor: its matrix-vector products"] = lambda x, n: [token() for _ in range(n)]
-    x = torch.randint(model.config.vocab_size, (1, DECODE_PROMPT), device=device)
     for decode in contenders.values():
         for _ in range(args.warmup):
             decode(x, 8)
@@ -302,6 +309,7 @@ def decoding_rows(args: argparse.Namespace) -> list[dict]:
     shape = f"1x{DECODE_PROMPT}+{n}"
     return [
         row(args, "decoding", name, "tokens/s", "tokens/s", [n / s for s in seconds[name]], OURS, shape=shape)
+        | ({"compile_s": compile_seconds[name]} if name in compile_seconds else {})
         for name in contenders
     ]
 
@@ -587,7 +595,8 @@ def decoding_table(rows: list[dict]) -> str:
     for r in rows:
         cell = f"{number(r['median'])} [{number(r['min'])}–{number(r['max'])}]"
         ours = "" if r["what"] == r["reference"] else f"×{1 / r['ratio']:.3g}"
-        lines.append(f"| {r['what']} | {cell} | {number(1000 / r['median'])} | {ours} |")
+        what = r["what"] + (f" (+{r['compile_s']:.0f} s to compile)" if "compile_s" in r else "")
+        lines.append(f"| {what} | {cell} | {number(1000 / r['median'])} | {ours} |")
     return "\n".join(lines)
 
 
@@ -714,6 +723,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-inference", action="store_true", help="leave out the latency table")
     parser.add_argument("--skip-decoding", action="store_true", help="leave out the decoding table")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training table")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also decode with the blocks under torch.compile (its compile time shown)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens a timed decode (batch 1) makes")
     parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
     args = parser.parse_args(argv)

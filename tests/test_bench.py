@@ -12,7 +12,7 @@ from lab import bench_mixed, profile_step
 from model import GPT
 from utils import describe_dtype, resolve_dtype
 
-METRICS = {"inference": {"latency"}, "training": set(bench.UNITS)}
+METRICS = {"inference": {"latency"}, "decoding": {"tokens/s"}, "training": set(bench.UNITS)}
 
 
 @pytest.fixture
@@ -43,6 +43,8 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
         "2",
         "--warmup",
         "1",
+        "--decode-tokens",
+        "8",
         "--out",
         str(out),
     ]
@@ -53,8 +55,9 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     whats = {t: {r["what"] for r in rows if r["table"] == t} for t in METRICS}
     assert whats["inference"] == {bench.BASE, "LoRA merged", "LoRA unmerged", "Adapter^H", "Adapter^L"}
     assert whats["training"] == {run.what for run in bench.training_runs(peers=False)}
+    assert whats["decoding"] == {bench.OURS, "floor: its matrix-vector products"}
     for table, metrics in METRICS.items():
-        shapes = {"inference": ["1x8", "2x16"], "training": ["2x8"]}[table]
+        shapes = {"inference": ["1x8", "2x16"], "decoding": ["1x16+8"], "training": ["2x8"]}[table]
         # one row per model, metric and shape: nothing missing, nothing twice
         keys = sorted((r["what"], r["metric"], r["shape"]) for r in rows if r["table"] == table)
         assert keys == sorted((w, m, s) for w in whats[table] for m in metrics for s in shapes)
@@ -85,6 +88,27 @@ def test_bench_writes_every_row(tmp_path, one_thread, capsys):
     printed = capsys.readouterr().out
     assert "| Adapter^H |" in printed and "| LoRA r=4 q,v |" in printed
     assert (out / "bench.png").stat().st_size > 0
+
+
+def test_decoding_against_transformers_and_compiled(tmp_path, one_thread, capsys):
+    """The same greedy tokens from ours, ours compiled and transformers' on the same weights; the floor does
+    less than any of them."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
+    args = bench.parse_args(
+        ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--dtype", "float32", "--peers", "--compile"]
+        + ["--trials", "1", "--warmup", "0", "--decode-tokens", "8"]
+    )
+    model = bench.build_model(args.size, "cpu").eval()
+    x = torch.randint(TINY.vocab_size, (1, bench.DECODE_PROMPT))
+    ours = model.generate(x, 8, temperature=0)
+    assert torch.equal(bench.hf_decoder(model, torch.float32)(x, 8), ours)
+    rows = {r["what"]: r for r in bench.add_ratios(bench.decoding_rows(args))}
+    assert set(rows) == {bench.OURS, bench.COMPILED, "transformers (generate)", "floor: its matrix-vector products"}
+    assert rows[bench.COMPILED]["compile_s"] > 0 and rows[bench.OURS]["ratio"] == 1.0
+    assert rows["floor: its matrix-vector products"]["ratio"] > 1  # a subset of the work
+    assert "s to compile) |" in bench.decoding_table(list(rows.values()))
 
 
 def test_peak_tensor_bytes_adds_the_alive_to_the_steps_peak():
@@ -127,7 +151,7 @@ def test_training_rows_without_their_reference_have_no_ratio(tmp_path, one_threa
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--train-shape", "2x8", "--trials", "1"]
-    rows = bench.main([*argv, "--skip-inference", "--train-runs", "lora-qv", "--out", str(tmp_path)])
+    rows = bench.main([*argv, "--skip-inference", "--skip-decoding", "--train-runs", "lora-qv", "--out", str(tmp_path)])
     assert {r["what"] for r in rows} == {"LoRA r=4 q,v"} and all(r["ratio"] is None for r in rows)
     printed = capsys.readouterr().out
     assert "| LoRA r=4 q,v |" in printed and "(×" not in printed  # no ratio to a reference that did not run
