@@ -294,7 +294,7 @@ def decoding_rows(args: argparse.Namespace) -> list[dict]:
     compile_seconds = {}
     if args.compile:  # the blocks compiled, for any number of cached tokens: generate calls hidden_states a step
         compiled = copy.deepcopy(model)
-        compiled.hidden_states = torch.compile(compiled.hidden_states, dynamic=True)
+        compiled.hidden_states = torch.compile(compiled.hidden_states, dynamic=True, fullgraph=True)
         compile_seconds[COMPILED] = timed(lambda: compiled.generate(x, 2, temperature=0), device)
         contenders[COMPILED] = lambda x, n: compiled.generate(x, n, temperature=0)
     token = decode_floor(model)

@@ -157,7 +157,11 @@ def attention(
         and written_out_attention_is_faster(q.dtype)
     ):
         return written_out_attention(q, k, v, mask, is_causal, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+    # True or False spelt out: under torch.compile with dynamic shapes `past == 0` is symbolic, which the kernel
+    # refuses; a branch makes the compiler specialise on it
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=True if is_causal else False, dropout_p=dropout_p
+    )
 
 
 def written_out_attention(
