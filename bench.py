@@ -175,9 +175,9 @@ def row(
     reference: str,
     **context,
 ) -> dict:
-    """One measurement as results.json stores it: where it was measured, and median, min and max of its values."""
+    """One measurement as results.json stores it: where it was measured, and median, min and max of its n values."""
     dtype = str(resolve_dtype(args.device, args.dtype)).removeprefix("torch.")
-    measured = dict(median=statistics.median(values), min=min(values), max=max(values))
+    measured = dict(median=statistics.median(values), min=min(values), max=max(values), n=len(values))
     where = dict(model=args.size, device=args.device_name, dtype=dtype)
     return dict(table=table, what=what, metric=metric, unit=unit, reference=reference, **where, **context, **measured)
 
@@ -480,35 +480,37 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, trials: int) -> float:
 
 
 def training_rows(args: argparse.Namespace) -> list[dict]:
-    """One fresh process per configuration (spawned, so CUDA works in it and no memory is shared)."""
+    """One fresh process per configuration (spawned, so CUDA works in it and no memory is shared), --rounds
+    times round-robin, their steps pooled: a slow spell of a shared machine then hits every configuration."""
     shape = "x".join(map(str, args.train_shape))
     dtype = resolve_dtype(args.device, args.dtype)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # hand the inference models' memory back before the children need it
     n = 4096 if args.device.startswith("cuda") else 2048
-    peak = matmul_peak(args.device, dtype, n, args.trials)
+    runs, peak = training_runs(args.peers, args.train_runs), 0.0
+    measured = {run: {} for run in runs}
+    for _ in tqdm(range(args.rounds), desc="training rounds", leave=False):
+        peak = max(peak, matmul_peak(args.device, dtype, n, args.trials))  # the best case over the rounds
+        for run in tqdm(runs, desc="training", leave=False):
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                result = pool.submit(
+                    measure_training,
+                    run,
+                    args.size,
+                    args.train_shape,
+                    args.device,
+                    args.dtype,
+                    args.warmup,
+                    args.trials,
+                ).result()
+            for metric, values in result.items():
+                measured[run].setdefault(metric, []).extend(values)
     rows = []
-    for run in tqdm(training_runs(args.peers, args.train_runs), desc="training", leave=False):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            measured = pool.submit(
-                measure_training, run, args.size, args.train_shape, args.device, args.dtype, args.warmup, args.trials
-            ).result()
-        measured["of matmul peak"] = [100 * flops / peak for flops in measured["model FLOP/s"]]
-        for metric, values in measured.items():
-            rows.append(
-                row(
-                    args,
-                    "training",
-                    run.what,
-                    metric,
-                    UNITS[metric],
-                    values,
-                    FULL,
-                    shape=shape,
-                    matmul_peak=peak,
-                    matmul_size=n,
-                )
-            )
+    for run in runs:
+        measured[run]["of matmul peak"] = [100 * flops / peak for flops in measured[run]["model FLOP/s"]]
+        for metric, values in measured[run].items():
+            context = dict(shape=shape, matmul_peak=peak, matmul_size=n, rounds=args.rounds)
+            rows.append(row(args, "training", run.what, metric, UNITS[metric], values, FULL, **context))
     return rows
 
 
@@ -714,6 +716,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="timed forward passes / training steps per measurement")
     parser.add_argument("--warmup", type=int, help="untimed ones before them")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="run the training configurations this many times, round-robin, pooled"
+    )
+    parser.add_argument(
         "--peers",
         action="store_true",
         help="also train Hugging Face GPT-2 with full fine-tuning and with PEFT LoRA, and decode with transformers",
@@ -732,8 +737,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench-out", help="folder for results.json and bench.png")
     args = parser.parse_args(argv)
     check_model_flags(args, DEFAULTS)
-    if args.trials < 1 or args.warmup < 0 or args.decode_tokens < 1:
-        raise ValueError("--trials and --decode-tokens must be >= 1, --warmup >= 0")
+    if min(args.trials, args.decode_tokens, args.rounds) < 1 or args.warmup < 0:
+        raise ValueError("--trials, --decode-tokens and --rounds must be >= 1, --warmup >= 0")
     args.shapes, (args.train_shape,) = parse_shapes(args.shapes), parse_shapes(args.train_shape)
     if args.train_runs is not None:
         args.train_runs = [key.strip() for key in args.train_runs.split(",")]

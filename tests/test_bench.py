@@ -125,7 +125,14 @@ def test_peak_tensor_bytes_adds_the_alive_to_the_steps_peak():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--shapes", "4by256"], ["--size", "gpt-5"], ["--dtype", "float8"], ["--train-runs", "lora"], ["--trials", "0"]],
+    [
+        ["--shapes", "4by256"],
+        ["--size", "gpt-5"],
+        ["--dtype", "float8"],
+        ["--train-runs", "lora"],
+        ["--trials", "0"],
+        ["--rounds", "0"],
+    ],
 )
 def test_bench_refuses_bad_input(argv):
     with pytest.raises(ValueError):
@@ -151,8 +158,21 @@ def test_training_rows_without_their_reference_have_no_ratio(tmp_path, one_threa
     torch.manual_seed(0)
     GPT(TINY).save_pretrained(str(tmp_path / "tiny"))
     argv = ["--size", str(tmp_path / "tiny"), "--device", "cpu", "--train-shape", "2x8", "--trials", "1"]
-    rows = bench.main([*argv, "--skip-inference", "--skip-decoding", "--train-runs", "lora-qv", "--out", str(tmp_path)])
+    rows = bench.main(
+        [
+            *argv,
+            "--skip-inference",
+            "--skip-decoding",
+            "--train-runs",
+            "lora-qv",
+            "--rounds",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert {r["what"] for r in rows} == {"LoRA r=4 q,v"} and all(r["ratio"] is None for r in rows)
+    assert next(r["n"] for r in rows if r["metric"] == "step time") == 2  # one step a round, pooled
     printed = capsys.readouterr().out
     assert "| LoRA r=4 q,v |" in printed and "(×" not in printed  # no ratio to a reference that did not run
 
