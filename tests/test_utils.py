@@ -84,7 +84,7 @@ def test_attention_is_written_out_only_to_train_in_bf16_where_timed_faster(monke
     monkeypatch.setattr(utils, "written_out_attention", lambda *args: "written out")
     q = torch.randn(1, 2, 4, 8, dtype=dtype)
     written = utils.attention(q, q, q, None, is_causal=True, dropout_p=0.0)
-    assert (written == "written out") == (faster and dtype == torch.bfloat16)
+    assert isinstance(written, str) == (faster and dtype == torch.bfloat16)
     long = torch.randn(1, 1, 513, 8, dtype=dtype)  # over 512 keys, flash is faster and keeps less
     assert not isinstance(utils.attention(long, long, long, None, is_causal=True, dropout_p=0.0), str)
     with torch.no_grad():  # inference keeps flash
