@@ -469,7 +469,8 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, trials: int) -> float:
     """The FLOP/s of this device's best case, a large square matmul in `dtype` (median of trials), in
     the faster of its two layouts, a @ b and a @ b.T (nn.Linear's: ten times faster for bf16 on a CPU
     without AMX): the limit a training step's model FLOP/s is measured against."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    generator = torch.Generator(device).manual_seed(0)  # its own: a probe never shifts the global generator's draws
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     best = 0.0
     for product in (lambda: a @ b, lambda: a @ b.t()):
         for _ in range(2):

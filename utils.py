@@ -4,11 +4,9 @@ Nothing here knows about GPT-2 or LoRA."""
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -103,58 +101,43 @@ def autocast(device: str, dtype: torch.dtype) -> torch.autocast:
 def for_inference(model: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     """The model on `device`, in eval mode, its weights cast once to `dtype` for generation: each step then
     reads 16-bit weights, where autocast would read the fp32 ones and cast them again at every step. Merge
-    an adapter before (merging is done in fp32); training keeps fp32 weights under `autocast`. On a CPU
-    whose one-row product is faster with nn.Linear's weight stored transposed, the weights are stored so
-    (same shape and values, other strides): decoding one token is a matrix-vector product per weight."""
+    an adapter before (merging is done in fp32); training keeps fp32 weights under `autocast`. In float32
+    on a CPU, nn.Linear's weights are stored transposed (same shape and values, other strides): decoding
+    one token is a matrix-vector product per weight, and fp32 ones run faster so (`TRANSPOSED_FOR_DECODING`)."""
     model = model.to(device=device, dtype=dtype).eval()
-    if device == "cpu" and transposed_gemv_is_faster(dtype):
+    if device == "cpu" and dtype in TRANSPOSED_FOR_DECODING:
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()  # (out, in), laid out as (in, out)
     return model
 
 
-@functools.cache
-def transposed_gemv_is_faster(dtype: torch.dtype) -> bool:
-    """Whether F.linear(x, W) on one row of x runs at least 10% faster with W (out, in) stored as its
-    transpose. It depends on the CPU's BLAS kernels, so it is timed here, once a process (~0.2 s), on a
-    weight too large for the cache. On 2 cores of an AMD EPYC, torch 2.13: fp32 yes (a 50,257 x 768
-    product 12.2 -> 6.9 ms), bf16 no (4.2 -> 6.3 ms); docs/benchmarks.md."""
-    weight = torch.ones(32768, 768, dtype=dtype)
-    x = torch.ones(1, 768, dtype=dtype)
-    row_major = best_seconds(lambda: F.linear(x, weight))
-    weight = weight.t().contiguous().t()
-    return best_seconds(lambda: F.linear(x, weight)) < 0.9 * row_major
-
-
-def best_seconds(fn: Callable[[], object]) -> float:
-    """The fastest of three timed calls of `fn`, after one that warms up: for a choice made once, at run time."""
-    seconds = []
-    for _ in range(4):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds[1:])
+# A rule, not a timing: the two layouts sum a product in another order, so in fp32 they give other last bits,
+# and a choice that changes a model's numbers must not follow the machine's load. Measured on 2 cores of an AMD
+# EPYC, torch 2.13, a 50,257 x 768 product on one row: fp32 12.2 -> 6.9 ms transposed; bf16 4.2 -> 6.3 ms
+# (slower, and the same bits), so bf16 keeps the stored layout (docs/benchmarks.md).
+TRANSPOSED_FOR_DECODING = (torch.float32,)
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√hs, masked)·v over (B, nh, T, hs), `mask` boolean (True: attend) or `is_causal`:
-    F.scaled_dot_product_attention, or the same written out when training in bf16 on a CPU, up to 512 keys,
-    where timed faster. On 2 cores of an AMD EPYC (AVX512-BF16), forward and backward of 4x12x256x64:
-    torch's CPU flash kernel 32.6 ms, written out 19.8 ms; at 1,024 keys flash wins (38.0 against 64.4 ms)
-    and the written-out scores, kept for the backward pass, grow as T². Without gradients the winner
-    depends on the shape (one new token over 64 keys: flash 53 µs at batch 1, written out 103 against
-    453 µs at batch 10), so inference keeps flash. Written out, the scores are rounded to bf16 (as in eager
-    attention under autocast; flash keeps them in fp32). Under torch.compile, the compiler chooses."""
+    F.scaled_dot_product_attention, or the same written out when training in bf16 on a CPU, up to 512 keys.
+    That is a rule (device, dtype, gradients, length), never a timing: the two round bf16 scores differently
+    (written out, they are rounded to bf16, as in eager attention under autocast; flash keeps them in fp32),
+    so the choice changes a run's numbers, and it must be the same in a resumed run, on every DDP process and
+    however busy the machine. Measured on 2 cores of an AMD EPYC (AVX512-BF16), forward and backward of
+    4x12x256x64: torch's CPU flash kernel 32.6 ms, written out 19.8 ms; at 1,024 keys flash wins (38.0
+    against 64.4 ms) and the written-out scores, kept for the backward pass, grow as T². Without gradients
+    the winner depends on the shape (one new token over 64 keys: flash 53 µs at batch 1, written out 103
+    against 453 µs at batch 10), so inference keeps flash. Under torch.compile, the compiler chooses."""
     if (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and torch.is_grad_enabled()
         and k.size(-2) <= 512
         and not torch.compiler.is_compiling()
-        and written_out_attention_is_faster(q.dtype)
     ):
         return written_out_attention(q, k, v, mask, is_causal, dropout_p)
     # True or False spelt out: under torch.compile with dynamic shapes `past == 0` is symbolic, which the kernel
@@ -174,21 +157,6 @@ def written_out_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     return F.dropout(torch.softmax(scores, dim=-1), dropout_p) @ v
-
-
-@functools.cache
-def written_out_attention_is_faster(dtype: torch.dtype) -> bool:
-    """Whether attention written out beats F.scaled_dot_product_attention by 10%, forward and backward of
-    1x12x256x64 causal in `dtype` on the CPU: timed once a process (~0.1 s, at the first call), as kernels
-    differ by CPU."""
-    # whatever the caller is under: no_grad, inference_mode, autocast, or activation checkpointing's hooks,
-    # which would count these tensors as the checkpointed block's (the identity hooks are innermost)
-    identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), identity:
-        q, k, v = (torch.randn(1, 12, 256, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-        flash = best_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward())
-        written_out = best_seconds(lambda: written_out_attention(q, k, v, None, True, 0.0).sum().backward())
-    return written_out < 0.9 * flash
 
 
 def synchronize(device: str) -> None:

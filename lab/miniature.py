@@ -296,11 +296,13 @@ def as_argv(flags: dict) -> list[str]:
     return argv
 
 
-def finetune_argv(scale: Scale, out: str, meta: dict, rank: int, targets: str, lr: float, curve: bool) -> list[str]:
+def finetune_argv(
+    scale: Scale, out: str, meta: dict, rank: int, targets: str, lr: float, curve: bool, seed: int
+) -> list[str]:
     """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale. `meta` is the
     pairs' meta.json (how many training and held-out pairs)."""
     steps = math.ceil(scale.epochs * meta["train_examples"] / scale.batch_size)
-    flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"))
+    flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"), seed=seed)
     flags |= dict(run_dir=os.path.join(out, folder_name(rank, targets, lr)), batching="padded", epochs=scale.epochs)
     flags |= dict(batch_size=scale.batch_size, grad_accum=1, block_size=scale.block_size, schedule="linear")
     flags |= dict(warmup_iters=max(1, steps // 20), weight_decay=0.01, label_smoothing=0.1, lr=lr)
@@ -311,9 +313,9 @@ def finetune_argv(scale: Scale, out: str, meta: dict, rank: int, targets: str, l
     return as_argv(flags)
 
 
-def base_argv(scale: Scale, out: str) -> list[str]:
+def base_argv(scale: Scale, out: str, seed: int) -> list[str]:
     """train.py's arguments for the base: from scratch (random weights), every weight trained."""
-    flags = dict(base="scratch", rank=0, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd)
+    flags = dict(base="scratch", rank=0, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd, seed=seed)
     flags |= dict(block_size=scale.block_size, batch_size=scale.base_batch, grad_accum=1, max_iters=scale.base_iters)
     flags |= dict(
         lr=scale.base_lr, warmup_iters=max(1, scale.base_iters // 12), eval_interval=max(1, scale.base_iters // 6)
@@ -345,6 +347,7 @@ def train_row(argv: list[str]) -> dict:
         "command": command,
         "train_s": round(time.time() - started, 1),
         "resumed": resume,
+        "seed": train.parse_args(argv).seed,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "curve": [(r["step"], r["val_loss"]) for r in log],
         "val_loss": log[-1]["val_loss"],
@@ -439,14 +442,14 @@ def sweep(args: argparse.Namespace) -> dict:
     def decoded(row: dict, beam: bool) -> dict:
         return score_row(row["folder"], os.path.join(data, "test.txt"), scale, beam, device, args.dtype, seen)
 
-    report["base"] = run(base_argv(scale, out))
+    report["base"] = run(base_argv(scale, out, args.seed))
     base = GPT.from_pretrained(os.path.join(out, "base"))
     with open(os.path.join(data, "held-out-sentences.txt"), encoding="utf-8") as f:
         held_out = [s for s in f.read().split(prepare_data.END_OF_TEXT) if s.strip()]
     report["copy_test"], report["end_of_text"] = copy_test(base), end_of_text(base, held_out)
     for method, (rank, targets) in TABLE3.items():  # each method at its learning rate of lowest held-out loss
         lrs = scale.full_lrs if rank == 0 else scale.lora_lrs
-        candidates = {lr: run(finetune_argv(scale, out, meta, rank, targets, lr, True)) for lr in lrs}
+        candidates = {lr: run(finetune_argv(scale, out, meta, rank, targets, lr, True, args.seed)) for lr in lrs}
         lr = min(candidates, key=lambda lr: candidates[lr]["val_loss"])  # the held-out MRs, never the test split
         report["tuning"][method] = {lr: row["val_loss"] for lr, row in candidates.items()}
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
@@ -466,7 +469,7 @@ def sweep(args: argparse.Namespace) -> dict:
             if (rank, targets) == TABLE3["LoRA r=4 q,v"]:  # Table 3's row, trained once
                 report[table][name] = report["table3"]["LoRA r=4 q,v"]
                 continue
-            row = run(finetune_argv(scale, out, meta, rank, targets, lr, False))
+            row = run(finetune_argv(scale, out, meta, rank, targets, lr, False, args.seed))
             report[table][name] = row | dict(lr=lr, greedy=decoded(row, False))
     with open(os.path.join(out, "invocations.jsonl"), "a") as f:  # how long each run of the sweep took
         f.write(
@@ -624,12 +627,12 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
 def report_markdown(report: dict, args: argparse.Namespace) -> str:
     """docs/miniature.md: what was run, on what, and the tables."""
     scale, t3, base = report["scale"], report["table3"], report["base"]
-    head = "| | trainable | lr | held-out loss | train | BLEU | NIST | METEOR | ROUGE-L | CIDEr | name in the text |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = "| | trainable | lr | seed | held-out loss | train | BLEU | NIST | METEOR | ROUGE-L | CIDEr | name in the text |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
     def table(rows: dict[str, dict], decoding: str) -> list[str]:
         return [head, rule] + [
-            f"| {name} | {r['trainable']:,} | {r['lr']:g} | {r['val_loss']:.3f} | {r['train_s']:.0f} s | "
+            f"| {name} | {r['trainable']:,} | {r['lr']:g} | {r['seed']} | {r['val_loss']:.3f} | {r['train_s']:.0f} s | "
             f"{metric_cells(r[decoding])} | {names_cell(r[decoding])} |"
             for name, r in rows.items()
         ]
@@ -670,7 +673,7 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         "",
         f"`train.py --base scratch --rank 0`: {scale.n_layer} blocks × {scale.n_embd} wide, {scale.n_head} heads, "
         f"{base['trainable']:,} parameters; {scale.base_iters} steps of {scale.base_batch} × {scale.block_size} "
-        f"tokens ({base['train_s'] / 60:.1f} minutes).",
+        f"tokens ({base['train_s'] / 60:.1f} minutes), seed {base['seed']}.",
         "",
         "| held-out loss: sentences of the held-out MRs | <\\|endoftext\\|> after them | copy test: 30 random "
         "tokens | their repeat |",
@@ -804,6 +807,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="also write the report here, its plots beside it (default: docs/miniature.md "
         "for the full sweep, none for --quick)",
     )
+    seed_help = "train.py's --seed for the base and every row: the same seed, CPU kind and torch give the same tables"
+    parser.add_argument("--seed", type=int, default=1337, help=seed_help)
     parser.add_argument("--shakespeare", help="a local copy of tiny Shakespeare (default: downloaded)")
     parser.add_argument("--e2e", help="a local folder with E2E's valid.txt and test.txt (default: downloaded)")
     parser.add_argument("--webnlg", help="a local copy of WebNLG 2017's dev.json (default: downloaded)")

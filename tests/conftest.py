@@ -1,6 +1,7 @@
 """Shared fixtures: tiny GPT-2s, built by transformers (the reference) or by model.py."""
 
 import os
+import random
 import sys
 
 import pytest
@@ -85,3 +86,31 @@ def keep_lora_only_on(model: GPT, kept: set[tuple[int, str]]) -> GPT:
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent), child, plain)
     return model
+
+
+def english_text(n_characters: int, seed: int = 0) -> str:
+    """Plain English sentences from a small grammar, for tests that need some text: a tiny model learns its
+    characters within a few dozen steps, and no file has to be there."""
+    rng = random.Random(seed)
+    people = ["the king", "a young woman", "my brother", "the old servant", "our friend", "the captain", "her mother"]
+    people += ["a stranger", "the good doctor", "his daughter", "the queen", "every soldier", "no one", "the boy"]
+    verbs = ["loves", "has seen", "will follow", "speaks of", "remembers", "waits for", "cannot forget", "sends"]
+    verbs += ["fears", "was looking for", "gave away", "dreams of", "would never sell", "brought back", "hides"]
+    things = ["the river", "a letter from home", "the house on the hill", "his sword", "the morning light", "bread"]
+    things += ["an honest man", "the last of the wine", "a ship at sea", "the long winter", "this quiet town"]
+    things += ["the golden crown", "a horse", "the keys of the gate", "forty pounds", "the white rose", "some news"]
+    places = ["in the garden", "at dawn", "by the fire", "before the war", "on the road to London", "at night"]
+    speakers = ["KING HENRY", "MARGARET", "FIRST CITIZEN", "GLOUCESTER", "NURSE", "ROMEO", "QUEEN ELIZABETH"]
+    sentences, length = [], 0
+    while length < n_characters:
+        sentence = f"{rng.choice(people)} {rng.choice(verbs)} {rng.choice(things)}"
+        if rng.random() < 0.4:
+            sentence += f" {rng.choice(places)}"
+        if rng.random() < 0.3:
+            sentence += f", and {rng.choice(people)} {rng.choice(verbs)} {rng.choice(things)}"
+        sentence = sentence[0].upper() + sentence[1:] + rng.choice(".....!?")
+        if rng.random() < 0.3:  # a new speaker, as in a play
+            sentence = f"\n{rng.choice(speakers)}:\n{sentence}"
+        sentences.append(sentence + ("\n" if rng.random() < 0.3 else " "))
+        length += len(sentences[-1])
+    return "".join(sentences)[:n_characters]

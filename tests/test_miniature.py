@@ -103,9 +103,20 @@ def test_end_of_text_reads_a_sentence_as_a_document_and_a_pair_as_prepare_data_s
     assert seen == [[50256, *sentence], pair]  # the sentence after an <|endoftext|>; the pair as it trains
 
 
-def test_quick_sweep_writes_the_tables_reads_complete_rows_and_resumes_an_interrupted_one(tmp_path, capsys):
+def tables(doc: str) -> list[str]:
+    """A report's tables (Table 7's too), every cell that times something (`12 s`) blanked."""
+    lines, in_table7 = [], False
+    for line in doc.splitlines():
+        in_table7 = line == "```" if line.startswith("```") else in_table7  # the commands are in a ```bash block
+        if line.startswith("|") or (in_table7 and line != "```"):
+            lines.append(re.sub(r"\| [\d.]+ s \|", "| s |", line))
+    return lines
+
+
+def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_and_resumes_one(tmp_path, capsys):
     out = str(tmp_path / "mini")
-    argv = ["--quick", "--out", out, "--doc", str(tmp_path / "docs" / "miniature.md"), *LOCAL, "--dtype", "float32"]
+    argv = ["--quick", "--out", out, "--doc", str(tmp_path / "docs" / "miniature.md"), *LOCAL, "--seed", "5"]
+    argv += ["--dtype", "bfloat16"]  # where attention is written out to train: choices that change numbers
     report = miniature.main(argv)
     printed = capsys.readouterr().out
     n_runs = 1 + 1 + 2 + 2 + 6 + 4  # base, fine-tuning, two Table 3 LoRA methods at 2 lrs, Table 5, Table 6
@@ -122,6 +133,15 @@ def test_quick_sweep_writes_the_tables_reads_complete_rows_and_resumes_an_interr
     assert t3["LoRA r=4 q,v"]["val_loss"] == min(tuned.values())  # the lower held-out loss won
     assert t3["fine-tuning"]["beam"]["mrs"] == 4 and 0 <= t3["fine-tuning"]["beam"]["name_realised"] <= 1
     assert report["table5"]["Wq, Wv"]["folder"] == t3["LoRA r=4 q,v"]["folder"]  # one run, two tables
+    rows = [row for table in ("table3", "table5", "table6") for row in report[table].values()]
+    assert {row["seed"] for row in rows} == {report["base"]["seed"]} == {5}  # the report records each row's seed
+    assert all(f"| {row['lr']:g} | 5 | {row['val_loss']:.3f} |" in doc for row in rows)
+
+    # same seed, same result: another sweep into another folder writes the same tables
+    again = str(tmp_path / "again")
+    miniature.main(["--quick", "--out", again, *LOCAL, "--seed", "5", "--dtype", "bfloat16"])
+    with open(os.path.join(again, "miniature.md"), encoding="utf-8") as f:
+        assert len(tables(doc)) > 30 and tables(f.read()) == tables(doc)
 
     # a complete sweep is read, not rerun; a row whose done.json is gone resumes from its checkpoint
     row = report["table6"]["r = 8"]["folder"]

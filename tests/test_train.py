@@ -14,12 +14,11 @@ from safetensors.torch import load_file
 
 import prepare_data
 import train
-from conftest import ROOT
+from conftest import ROOT, english_text
 from lora import load_adapter, read_adapter
 from model import GPT, GPTConfig
 
-SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
-CHAR_VOCAB = 128  # the tests' corpus is tiny Shakespeare, one token per ASCII character
+CHAR_VOCAB = 128  # the tests' corpus is English text, one token per ASCII character
 BASE = GPTConfig(block_size=32, vocab_size=CHAR_VOCAB, n_layer=2, n_head=2, n_embd=128)
 SCRATCH = ["--base", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
 TINY_RUN = [
@@ -40,12 +39,9 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory) -> str:
-    """The first 20,000 characters of tiny Shakespeare as a prepare_data.py folder, one token per
-    character: real text a tiny model learns within a few dozen steps, and no tokenizer needed."""
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    with open(SHAKESPEARE, encoding="ascii") as f:
-        tokens = np.frombuffer(f.read(20_000).encode("ascii"), dtype=np.uint8).astype(np.uint16)
+    """20,000 characters of English as a prepare_data.py folder, one token per character: text a tiny
+    model learns within a few dozen steps, and no tokenizer needed."""
+    tokens = np.frombuffer(english_text(20_000).encode("ascii"), dtype=np.uint8).astype(np.uint16)
     folder = str(tmp_path_factory.mktemp("data") / "chars")
     meta = dict(format="text", tokenizer="ascii", vocab_size=CHAR_VOCAB, eot_token=0)
     prepare_data.write_folder(folder, {"train.bin": tokens[:18_000], "val.bin": tokens[18_000:]}, meta)
@@ -140,38 +136,68 @@ class Killed(Exception):
     pass
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, char_data, monkeypatch):
-    run = [
-        *SCRATCH,
-        "--rank",
-        "4",
-        "--lora-dropout",
-        "0.1",
-        *TINY_RUN,
-        "--data",
-        char_data,
-        "--max-iters",
-        "40",
-        "--eval-interval",
-        "20",
-    ]
+LORA_RUN = [
+    *SCRATCH,
+    "--rank",
+    "4",
+    "--targets",
+    "q,v,mlp",
+    "--lora-dropout",
+    "0.1",
+    *TINY_RUN,
+    "--eval-interval",
+    "20",
+]
+
+
+def assert_same_run(a: str, b: str) -> None:
+    """Two run folders hold the same adapter, bit for bit, and logged the same losses."""
+    losses = [[(r["step"], r.get("train_loss"), r["val_loss"]) for r in read_log(out)] for out in (a, b)]
+    assert losses[0] == losses[1]
+    adapters = [load_file(os.path.join(out, "adapter.safetensors")) for out in (a, b)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("how", ["killed after a checkpoint", "max-iters extended"])
+def test_a_resumed_run_ends_bit_for_bit_where_a_straight_run_ends(tmp_path, char_data, monkeypatch, dtype, how):
+    """LoRA dropout on, so every mask after the resume must come from the restored random state; in bf16 too,
+    where attention is written out (a run must make the choices its straight twin made)."""
+    # the warmup spans the run: after it the schedule depends on --max-iters, which extending it changes
+    run = [*LORA_RUN, "--warmup-iters", "40", "--dtype", dtype, "--data", char_data]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.main([*run, "--run-dir", straight])
+    train.main([*run, "--max-iters", "40", "--run-dir", straight])
+    if how == "killed after a checkpoint":
 
-    def die_while_writing_the_adapter(model, path):
-        raise Killed  # killed at step 20, after train_state.pt and before the adapter beside it
+        def die_while_writing_the_adapter(model, path):
+            raise Killed  # killed at step 20, after train_state.pt and before the adapter beside it
 
-    monkeypatch.setattr(train, "save_adapter", die_while_writing_the_adapter)
-    with pytest.raises(Killed):
-        train.main([*run, "--run-dir", resumed])
-    assert sorted(os.listdir(resumed)) == ["log.jsonl", "train_state.pt"]  # the checkpoint is the state alone
-    monkeypatch.undo()
-    train.main([*run, "--run-dir", resumed, "--resume"])
-
+        monkeypatch.setattr(train, "save_adapter", die_while_writing_the_adapter)
+        with pytest.raises(Killed):
+            train.main([*run, "--max-iters", "40", "--run-dir", resumed])
+        assert sorted(os.listdir(resumed)) == ["log.jsonl", "train_state.pt"]  # the checkpoint is the state alone
+        monkeypatch.undo()
+    else:
+        train.main([*run, "--max-iters", "20", "--run-dir", resumed])
+    train.main([*run, "--max-iters", "40", "--run-dir", resumed, "--resume"])
     assert [r["step"] for r in read_log(resumed)] == [0, 20, 40]
-    assert read_log(resumed)[-1]["val_loss"] == read_log(straight)[-1]["val_loss"]
-    a, b = (load_file(os.path.join(out, "adapter.safetensors")) for out in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(straight, resumed)
+
+
+def test_two_runs_of_one_command_are_equal_while_the_cpu_is_busy(tmp_path, char_data):
+    """The machine's load never changes a result: a run beside processes that keep every core busy ends
+    where the same command ends on an idle machine (bf16, where choices of kernel change the numbers)."""
+    run = [*LORA_RUN, "--dtype", "bfloat16", "--data", char_data, "--max-iters", "20"]
+    train.main([*run, "--run-dir", str(tmp_path / "idle")])
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        train.main([*run, "--run-dir", str(tmp_path / "busy")])
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert_same_run(str(tmp_path / "idle"), str(tmp_path / "busy"))
 
 
 def free_port() -> int:
@@ -180,7 +206,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data, dtype):
     out = str(tmp_path / "out")
     worker = tmp_path / "worker.py"  # train.py, then each process writes the LoRA weights it holds
     worker.write_text(
@@ -214,7 +241,7 @@ def test_ddp_on_two_cpu_processes_keeps_identical_adapters(tmp_path, char_data):
         "--eval-interval",
         "4",
         "--dtype",
-        "float32",  # pinned: a subprocess sees the real CPU, whatever conftest fakes
+        dtype,  # pinned: a subprocess sees the real CPU, whatever conftest fakes
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small CI machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -479,7 +506,7 @@ def test_a_bf16_base_lora_run_follows_the_fp32_run_and_their_adapters_swap(tmp_p
     runs = {}
     for dtype in ("float32", "bfloat16"):
         runs[dtype] = str(tmp_path / dtype)
-        lora_run = ["--base", base, *"--rank 8 --targets q,k,v,o,mlp --lr 1e-2 --max-iters 30".split(), *TINY_RUN]
+        lora_run = ["--base", base, *"--rank 8 --targets q,k,v,o,mlp --lr 1e-2 --max-iters 40".split(), *TINY_RUN]
         model = train.main(
             [*lora_run, "--eval-interval", "10", "--dtype", dtype, "--data", char_data, "--run-dir", runs[dtype]]
         )
