@@ -47,7 +47,7 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past > 0 and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        # softmax(q·kᵀ/√hs)·v: F.scaled_dot_product_attention, or written out where timed faster (utils)
+        # softmax(q·kᵀ/√hs)·v: F.scaled_dot_product_attention, or written out to train in bf16 on a CPU (utils)
         y = attention(q, k, v, mask, is_causal=past == 0, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
