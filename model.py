@@ -47,7 +47,7 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past > 0 and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        # softmax(q·kᵀ/√hs)·v: F.scaled_dot_product_attention, or written out where timed faster (utils)
+        # softmax(q·kᵀ/√hs)·v: F.scaled_dot_product_attention, or written out to train in bf16 on a CPU (utils)
         y = attention(q, k, v, mask, is_causal=past == 0, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -110,6 +110,26 @@ PRETRAINED = {
 
 # Hugging Face stores these four as Conv1D, weight (in, out): transposed relative to nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target's place in each block: a module, and which equal chunk of its rows (q is chunk 0 of 3 of c_attn)."""
+
+    module: str
+    chunk: int = 0
+    n_chunks: int = 1
+
+
+# The weights a LoRA (lora.py) may adapt, by the paper's names (§4.2: Wq, Wk, Wv, Wo, and the MLP's two):
+# q, k and v are row chunks of the fused c_attn, in the order CausalSelfAttention splits it.
+TARGETS: dict[str, tuple[Target, ...]] = {
+    "q": (Target("attn.c_attn", 0, 3),),
+    "k": (Target("attn.c_attn", 1, 3),),
+    "v": (Target("attn.c_attn", 2, 3),),
+    "o": (Target("attn.c_proj"),),
+    "mlp": (Target("mlp.c_fc"), Target("mlp.c_proj")),
+}
 
 
 class GPT(nn.Module):

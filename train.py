@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_adapter
+from lora import DEFAULT_TARGETS, VARIANTS, LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
 from prepare_data import DEFAULT_DATA, Split, check_token_ids, load_split, open_data
 from utils import (
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     targets_help = f"weights to adapt, of q,k,v,o,mlp (if unset, {','.join(DEFAULT_TARGETS)}: §4.2's best on a budget)"
     lora.add_argument("--targets", help=targets_help)
     lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
+    variant_help = "the adapted layer: lora (eq. 3), or a variant of it (if unset, lora): dora (lab/dora.py)"
+    lora.add_argument("--variant", choices=VARIANTS, help=variant_help)
     model = parser.add_argument_group("model and data")
     base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"
     model.add_argument("--base", default="gpt2", help=base_help)
@@ -99,11 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checkpointing_help = "recompute each block's activations in the backward pass: less memory, more compute"
     system.add_argument("--activation-checkpointing", action="store_true", help=checkpointing_help)
     args = parser.parse_args(argv)
-    given = [
-        flag
-        for flag, value in (("--alpha", args.alpha), ("--targets", args.targets), ("--lora-dropout", args.lora_dropout))
-        if value is not None
-    ]
+    lora_flags = {"--alpha": args.alpha, "--targets": args.targets, "--lora-dropout": args.lora_dropout}
+    lora_flags["--variant"] = args.variant
+    given = [flag for flag, value in lora_flags.items() if value is not None]
     if args.rank < 0:
         parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
     if args.rank == 0 and given:
@@ -132,7 +132,7 @@ def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
         return None
     targets = parse_targets(args.targets) if args.targets is not None else DEFAULT_TARGETS
     alpha, dropout = (8.0 if args.alpha is None else args.alpha), (args.lora_dropout or 0.0)
-    return LoRAConfig(args.rank, alpha, targets, dropout)
+    return LoRAConfig(args.rank, alpha, targets, dropout, args.variant or "lora")
 
 
 # ---- batches from a data folder (read by prepare_data.load_split) ----------------------------------
@@ -368,8 +368,7 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
         stored = stored | {"lora": asdict(LoRAConfig.from_dict(stored["lora"], path))}
     if stored != settings:
         raise ValueError(
-            f"{path} was written by a run with {stored}; resume it with the same "
-            "--base, --rank, --alpha, --targets, --lora-dropout and --batching"
+            f"{path} was written by a run with {stored}; resume it with the same --base, LoRA settings and --batching"
         )
     if len(state["rng"]) != world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many")
