@@ -11,14 +11,15 @@ W = W0 + (α/r)·B·A can be computed once ("merged"), and inference costs exact
 Additional Inference Latency"); subtracting it again recovers W0: one base serves many tasks by swapping adapters.
 
 This file reads in that order: the layer (eq. 3), the settings, injection by exact name (§4.2),
-merge/unmerge, adapter files. Several adapters in one batch: lab/multi_adapter.py.
+merge/unmerge, adapter files. Several adapters in one batch: lab/multi_adapter.py. A variant of the layer
+(DoRA: lab/dora.py) is a subclass named in VARIANTS; everything else asks the layer, never re-derives it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from model import GPT, config_dict, same_weights, weights_fingerprint
+from model import GPT, TARGETS, config_dict, same_weights, weights_fingerprint
 from utils import atomic_path, open_safetensors, unwrap
 
 
@@ -39,6 +40,8 @@ class LoRALinear(nn.Linear):
     and Wv, and each adapted one gets its own A and B (the authors' `MergedLinear(enable_lora=[True,
     False, True])`); c_proj or c_fc has one part of all its rows. It shares the original's weight
     and bias, so the state dict's base keys (`...c_attn.weight`) do not change."""
+
+    update_is_low_rank = True  # ΔW = (α/r)·B·A, of rank ≤ r: §7's subspace analysis reads it from A and B
 
     def __init__(self, base: nn.Linear, parts: dict[str, slice], config: LoRAConfig):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate none
@@ -66,12 +69,19 @@ class LoRALinear(nn.Linear):
         x = self.lora_dropout(x)
         for name, rows in self.parts.items():
             # eq. 3: + (α/r)·B·(A·x), in the low-rank order (…, d_in) -> (…, r) -> (…, d_rows): B·A is never built
-            delta = self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())
+            # (.mT: A and B may carry a leading batch dimension, one adapter per row: lab/multi_adapter.py)
+            delta = self.scaling * (x @ self.lora_A[name].mT @ self.lora_B[name].mT)
             h = h + F.pad(delta, (rows.start, self.out_features - rows.stop))  # zero outside its rows; out of place
         return h
 
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """What this layer adds to the base, found by ownership: every parameter but W0's weight and bias (A and
+        B, and whatever a variant adds). An adapter file holds exactly these."""
+        return {key: p for key, p in self.named_parameters() if key not in ("weight", "bias")}
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW = (α/r)·B·A of one part, in fp32 (d_rows × d_in), also inside autocast (which would make it bf16)."""
+        """The update of one part, W_eff − W0 = (α/r)·B·A, in fp32 (d_rows × d_in), also inside autocast
+        (which would make it bf16). Read it while unmerged: a variant's update may depend on W0."""
         with torch.autocast(self.weight.device.type, enabled=False):
             return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling
 
@@ -94,25 +104,14 @@ class LoRALinear(nn.Linear):
 
 
 # ---- the settings, and which weights to adapt (§4.2, Table 5: Wq and Wv together do best) --------
+#
+# model.TARGETS names GPT-2's weights by the paper's names: q, k, v (row chunks of the fused c_attn), o, mlp.
 
-
-@dataclass(frozen=True)
-class Target:
-    """A target's place in each block: a module, and which equal chunk of its rows (q is chunk 0 of 3 of c_attn)."""
-
-    module: str
-    chunk: int = 0
-    n_chunks: int = 1
-
-
-TARGETS: dict[str, tuple[Target, ...]] = {
-    "q": (Target("attn.c_attn", 0, 3),),
-    "k": (Target("attn.c_attn", 1, 3),),
-    "v": (Target("attn.c_attn", 2, 3),),
-    "o": (Target("attn.c_proj"),),
-    "mlp": (Target("mlp.c_fc"), Target("mlp.c_proj")),
-}
 DEFAULT_TARGETS = ("q", "v")
+
+# The kinds of adapted layer, by LoRAConfig.variant: LoRALinear, or a subclass that changes its maths (a learner's
+# variant is a class and one line here). Imported when a config first asks, so the core never imports lab/.
+VARIANTS = {"lora": "lora.LoRALinear", "dora": "lab.dora.DoRALinear"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,7 @@ class LoRAConfig:
     alpha: float = 8.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.0
+    variant: str = "lora"  # which layer does it: a key of VARIANTS
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -134,6 +134,8 @@ class LoRAConfig:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"unknown LoRA target {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown LoRA variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
         # canonical order, no repeats, so equal configs compare equal
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
 
@@ -141,6 +143,12 @@ class LoRAConfig:
     def scaling(self) -> float:
         """α/r (§4.1): the factor on B·A."""
         return self.alpha / self.rank
+
+    @property
+    def layer(self) -> type[LoRALinear]:
+        """The class of the adapted layers: LoRALinear, or the variant's subclass."""
+        module, _, name = VARIANTS[self.variant].rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
     @classmethod
     def from_dict(cls, settings: dict, where: str) -> LoRAConfig:
@@ -167,7 +175,8 @@ def apply_lora(model: GPT, config: LoRAConfig | None = None) -> GPT:
         for module_name, parts in parts_by_module.items():
             parent_name, _, child_name = module_name.rpartition(".")
             base = block.get_submodule(module_name)
-            setattr(block.get_submodule(parent_name), child_name, LoRALinear(base, parts, config).train(base.training))
+            layer = config.layer(base, parts, config)  # LoRALinear, or the variant's subclass
+            setattr(block.get_submodule(parent_name), child_name, layer.train(base.training))
     model.lora_config = config
     return model
 
@@ -205,34 +214,19 @@ def unmerged(model: nn.Module) -> Iterator[None]:
 # ---- adapter files: safetensors with the LoRA tensors only, and JSON metadata in its header ------
 
 
-ADAPTER_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)\.lora_([AB])\.(\w+)")
-
-
-def adapter_key(block: int, module: str, matrix: str, target: str) -> str:
-    """The one spelling of an adapter tensor's name (the parameter's): 'transformer.h.0.attn.c_attn.lora_A.q'."""
-    return f"transformer.h.{block}.{module}.lora_{matrix}.{target}"
-
-
-def parse_adapter_key(key: str) -> tuple[int, str, str, str]:
-    """adapter_key's inverse: (block, module, 'A' or 'B', target)."""
-    match = ADAPTER_KEY.fullmatch(key)
-    if match is None:
-        raise ValueError(f"'{key}' is not the name of an adapter tensor")
-    block, module, matrix, target = match.groups()
-    return int(block), module, matrix, target
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors, keyed by adapter_key."""
-    return {k: v for k, v in unwrap(model).state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """The adapter: each adapted layer's `adapter_tensors`, keyed by their names in the model
+    ('transformer.h.0.attn.c_attn.lora_A.q'), detached views of the parameters."""
+    layers = [(name, m) for name, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
+    return {f"{name}.{key}": p.detach() for name, layer in layers for key, p in layer.adapter_tensors().items()}
 
 
 def base_fingerprint(model: GPT) -> dict[str, list[float]]:
     """The fingerprint of the frozen base (W0 of the adapted weights; lm_head is wte), for `check_adapter_fits`."""
     raw = unwrap(model)
     with unmerged(raw), torch.no_grad():
-        base = {k: v for k, v in raw.state_dict().items() if ".lora_" not in k and ".bank_" not in k}
-        return weights_fingerprint({k: v for k, v in base.items() if k != "lm_head.weight"})
+        skip = {*lora_state_dict(raw), "lm_head.weight"}
+        return weights_fingerprint({k: v for k, v in raw.state_dict().items() if k not in skip})
 
 
 def save_adapter(model: GPT, path: str) -> None:

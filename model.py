@@ -112,6 +112,26 @@ PRETRAINED = {
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+@dataclass(frozen=True)
+class Target:
+    """A target's place in each block: a module, and which equal chunk of its rows (q is chunk 0 of 3 of c_attn)."""
+
+    module: str
+    chunk: int = 0
+    n_chunks: int = 1
+
+
+# The weights a LoRA (lora.py) may adapt, by the paper's names (§4.2: Wq, Wk, Wv, Wo, and the MLP's two):
+# q, k and v are row chunks of the fused c_attn, in the order CausalSelfAttention splits it.
+TARGETS: dict[str, tuple[Target, ...]] = {
+    "q": (Target("attn.c_attn", 0, 3),),
+    "k": (Target("attn.c_attn", 1, 3),),
+    "v": (Target("attn.c_attn", 2, 3),),
+    "o": (Target("attn.c_proj"),),
+    "mlp": (Target("mlp.c_fc"), Target("mlp.c_proj")),
+}
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()

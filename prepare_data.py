@@ -17,6 +17,8 @@ Each example is stored as
 one after another, and `train_mask.bin` / `val_mask.bin` (uint8, one byte per token) hold 1 where a
 token belongs to the target or is its <|endoftext|>, 0 on the context and separator: train.py
 computes the loss on mask-1 tokens only. A prompt for the adapted model is `context + " ||"`.
+
+The last section reads a folder back for train.py (`open_data`, `load_split`), checked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import shutil
 import sys
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -39,6 +42,7 @@ E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/da
 END_OF_TEXT = "<|endoftext|>"  # in a text file: GPT-2's end-of-text token (50256), between documents
 PAIR_SEPARATOR = " ||"  # between context and target; E2E's own marker, so prompts read naturally
 LINES_PER_CHUNK = 2000  # text is tokenised in chunks of lines, for the progress bar
+DEFAULT_DATA = os.path.join("data", "shakespeare")  # train.py's --data, prepared on first use
 
 
 def load_encoding():
@@ -239,6 +243,87 @@ def tokenize(
         meta.update(separator=PAIR_SEPARATOR, train_examples=len(train_pairs), val_examples=len(val_pairs))
     meta.update(train_tokens=len(arrays["train.bin"]), val_tokens=len(arrays["val.bin"]))
     return arrays, meta
+
+
+# ---- reading a folder back, for train.py: token files through np.memmap ----------------------------
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray  # uint16 token ids
+    mask: np.ndarray | None  # uint8, 1 where a token is a target (pairs), None for plain text
+    starts: np.ndarray | None  # pairs: where a packed window may start (an example's first token)
+    examples: np.ndarray | None  # pairs: (n_examples, 2) start and end of each example
+
+
+def open_data(folder: str) -> dict:
+    """meta.json of a data folder; the default Shakespeare folder is prepared if missing."""
+    if folder == DEFAULT_DATA and not os.path.exists(folder):
+        print(f"{folder} is missing: preparing tiny Shakespeare")
+        prepare(None, "shakespeare", out_dir=os.path.dirname(folder))
+    for name in ("meta.json", "train.bin", "val.bin"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder} is not a data folder (no {name}): make one with prepare_data.py")
+    path = os.path.join(folder, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): remake the folder with prepare_data.py") from None
+    missing = [key for key in ("vocab_size", "eot_token") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"{path} has no '{missing[0]}': remake the folder with prepare_data.py")
+    return meta
+
+
+def load_split(folder: str, split: str, block_size: int, eot_token: int, padded: bool = False) -> Split:
+    """A split's tokens (and loss mask), checked: a file of the wrong size, or pairs whose windows
+    would hold no target token (a loss over nothing), are errors naming the file."""
+    path = os.path.join(folder, f"{split}.bin")
+    if os.path.getsize(path) % 2:
+        raise ValueError(f"{path} has an odd number of bytes: not uint16 token ids written by prepare_data.py")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    mask_path = os.path.join(folder, f"{split}_mask.bin")
+    if not os.path.exists(mask_path):
+        if padded:
+            raise ValueError(
+                f"{folder} holds plain text: --batching padded needs pairs (prepare_data.py --format pairs)"
+            )
+        if len(tokens) <= block_size:
+            raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
+        return Split(tokens, None, None, None)
+    mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+    if len(mask) != len(tokens):
+        raise ValueError(f"{mask_path} has {len(mask)} entries for the {len(tokens)} tokens of {path}")
+    # every example ends with <|endoftext|>: an example runs from one start to the next
+    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
+    examples = np.stack([starts, np.append(starts[1:], len(tokens))], axis=1)
+    if padded:
+        longest = int((examples[:, 1] - examples[:, 0]).max())
+        if longest - 1 > block_size:  # a row holds an example but its last token, which is only predicted
+            raise ValueError(f"{path} has an example of {longest} tokens: use --block-size {longest - 1} or more")
+        return Split(tokens, mask, None, examples)
+    targets = np.flatnonzero(np.asarray(mask))
+    if len(targets) == 0:
+        raise ValueError(f"{mask_path} marks no target token")
+    # a packed window starts on an example's first token, so a target is never seen without its
+    # context; its y covers tokens start+1 .. start+block_size: keep the windows that reach a target
+    first_target = targets[np.minimum(np.searchsorted(targets, starts), len(targets) - 1)]
+    reaches = (first_target > starts) & (first_target - starts <= block_size) & (starts + block_size < len(tokens))
+    if not reaches.any():
+        raise ValueError(
+            f"no window of --block-size {block_size} in {path} reaches a target token: the shortest context is "
+            f"{int((first_target - starts).min())} tokens; use --block-size {int(np.diff(starts).max())} or more "
+            "to see whole examples"
+        )
+    return Split(tokens, mask, starts[reaches], examples)
+
+
+def check_token_ids(split: Split, path: str, vocab_size: int) -> None:
+    """Token ids must index the model's embedding; found here, not as an index error at step 0."""
+    largest = int(split.tokens.max())
+    if largest >= vocab_size:
+        raise ValueError(f"{path} holds token id {largest}, beyond the model's vocabulary of {vocab_size}")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -22,7 +22,7 @@ import sys
 import time
 import zipfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import prepare_data
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_adapter
+from lora import DEFAULT_TARGETS, VARIANTS, LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
+from prepare_data import DEFAULT_DATA, Split, check_token_ids, load_split, open_data
 from utils import (
     add_hardware_flags,
     atomic_path,
@@ -43,8 +43,6 @@ from utils import (
     resolve_dtype,
     synchronize,
 )
-
-DEFAULT_DATA = os.path.join("data", "shakespeare")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     targets_help = f"weights to adapt, of q,k,v,o,mlp (if unset, {','.join(DEFAULT_TARGETS)}: §4.2's best on a budget)"
     lora.add_argument("--targets", help=targets_help)
     lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
+    variant_help = "the adapted layer: lora (eq. 3), or a variant of it (if unset, lora): dora (lab/dora.py)"
+    lora.add_argument("--variant", choices=VARIANTS, help=variant_help)
     model = parser.add_argument_group("model and data")
     base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"
     model.add_argument("--base", default="gpt2", help=base_help)
@@ -101,11 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checkpointing_help = "recompute each block's activations in the backward pass: less memory, more compute"
     system.add_argument("--activation-checkpointing", action="store_true", help=checkpointing_help)
     args = parser.parse_args(argv)
-    given = [
-        flag
-        for flag, value in (("--alpha", args.alpha), ("--targets", args.targets), ("--lora-dropout", args.lora_dropout))
-        if value is not None
-    ]
+    lora_flags = {"--alpha": args.alpha, "--targets": args.targets, "--lora-dropout": args.lora_dropout}
+    lora_flags["--variant"] = args.variant
+    given = [flag for flag, value in lora_flags.items() if value is not None]
     if args.rank < 0:
         parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
     if args.rank == 0 and given:
@@ -134,88 +132,10 @@ def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
         return None
     targets = parse_targets(args.targets) if args.targets is not None else DEFAULT_TARGETS
     alpha, dropout = (8.0 if args.alpha is None else args.alpha), (args.lora_dropout or 0.0)
-    return LoRAConfig(args.rank, alpha, targets, dropout)
+    return LoRAConfig(args.rank, alpha, targets, dropout, args.variant or "lora")
 
 
-# ---- data: token files from prepare_data.py, read through np.memmap --------------------------------
-
-
-@dataclass
-class Split:
-    tokens: np.ndarray  # uint16 token ids
-    mask: np.ndarray | None  # uint8, 1 where a token is a target (pairs), None for plain text
-    starts: np.ndarray | None  # pairs: where a packed window may start (an example's first token)
-    examples: np.ndarray | None  # pairs: (n_examples, 2) start and end of each example
-
-
-def open_data(folder: str) -> dict:
-    """meta.json of a prepare_data.py folder; the default Shakespeare folder is prepared if missing."""
-    if folder == DEFAULT_DATA and not os.path.exists(folder):
-        print(f"{folder} is missing: preparing tiny Shakespeare")
-        prepare_data.prepare(None, "shakespeare", out_dir=os.path.dirname(folder))
-    for name in ("meta.json", "train.bin", "val.bin"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"{folder} is not a data folder (no {name}): make one with prepare_data.py")
-    path = os.path.join(folder, "meta.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e}): remake the folder with prepare_data.py") from None
-    missing = [key for key in ("vocab_size", "eot_token") if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise ValueError(f"{path} has no '{missing[0]}': remake the folder with prepare_data.py")
-    return meta
-
-
-def load_split(folder: str, split: str, block_size: int, eot_token: int, padded: bool = False) -> Split:
-    """A split's tokens (and loss mask), checked: a file of the wrong size, or pairs whose windows
-    would hold no target token (a loss over nothing), are errors naming the file."""
-    path = os.path.join(folder, f"{split}.bin")
-    if os.path.getsize(path) % 2:
-        raise ValueError(f"{path} has an odd number of bytes: not uint16 token ids written by prepare_data.py")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    mask_path = os.path.join(folder, f"{split}_mask.bin")
-    if not os.path.exists(mask_path):
-        if padded:
-            raise ValueError(
-                f"{folder} holds plain text: --batching padded needs pairs (prepare_data.py --format pairs)"
-            )
-        if len(tokens) <= block_size:
-            raise ValueError(f"{path} has {len(tokens)} tokens, too few for --block-size {block_size}")
-        return Split(tokens, None, None, None)
-    mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
-    if len(mask) != len(tokens):
-        raise ValueError(f"{mask_path} has {len(mask)} entries for the {len(tokens)} tokens of {path}")
-    # every example ends with <|endoftext|>: an example runs from one start to the next
-    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot_token)[:-1] + 1])
-    examples = np.stack([starts, np.append(starts[1:], len(tokens))], axis=1)
-    if padded:
-        longest = int((examples[:, 1] - examples[:, 0]).max())
-        if longest - 1 > block_size:  # a row holds an example but its last token, which is only predicted
-            raise ValueError(f"{path} has an example of {longest} tokens: use --block-size {longest - 1} or more")
-        return Split(tokens, mask, None, examples)
-    targets = np.flatnonzero(np.asarray(mask))
-    if len(targets) == 0:
-        raise ValueError(f"{mask_path} marks no target token")
-    # a packed window starts on an example's first token, so a target is never seen without its
-    # context; its y covers tokens start+1 .. start+block_size: keep the windows that reach a target
-    first_target = targets[np.minimum(np.searchsorted(targets, starts), len(targets) - 1)]
-    reaches = (first_target > starts) & (first_target - starts <= block_size) & (starts + block_size < len(tokens))
-    if not reaches.any():
-        raise ValueError(
-            f"no window of --block-size {block_size} in {path} reaches a target token: the shortest context is "
-            f"{int((first_target - starts).min())} tokens; use --block-size {int(np.diff(starts).max())} or more "
-            "to see whole examples"
-        )
-    return Split(tokens, mask, starts[reaches], examples)
-
-
-def check_token_ids(split: Split, path: str, vocab_size: int) -> None:
-    """Token ids must index the model's embedding; found here, not as an index error at step 0."""
-    largest = int(split.tokens.max())
-    if largest >= vocab_size:
-        raise ValueError(f"{path} holds token id {largest}, beyond the model's vocabulary of {vocab_size}")
+# ---- batches from a data folder (read by prepare_data.load_split) ----------------------------------
 
 
 def packed_batch(
@@ -448,8 +368,7 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
         stored = stored | {"lora": asdict(LoRAConfig.from_dict(stored["lora"], path))}
     if stored != settings:
         raise ValueError(
-            f"{path} was written by a run with {stored}; resume it with the same "
-            "--base, --rank, --alpha, --targets, --lora-dropout and --batching"
+            f"{path} was written by a run with {stored}; resume it with the same --base, LoRA settings and --batching"
         )
     if len(state["rng"]) != world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many")

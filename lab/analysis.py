@@ -39,8 +39,8 @@ import sys
 
 import torch
 
-from lab import command_line
-from lora import TARGETS, LoRALinear, load_adapter, parse_adapter_key, read_adapter
+from lab import command_line, parse_adapter_key
+from lora import TARGETS, LoRALinear, load_adapter, read_adapter
 from model import GPT, same_weights
 from utils import atomic_path
 
@@ -130,6 +130,12 @@ def similarity(
     dim (of the space the subspaces live in), phi (r1 × r2)}, and the two files' metadata, each with
     `not_compared`: the requested (layer, matrix) pairs that the other adapts and this one does not."""
     (tensors1, meta1), (tensors2, meta2) = read_adapter(path1), read_adapter(path2)
+    for path, config in ((path1, meta1["lora_config"]), (path2, meta2["lora_config"])):
+        if not config.layer.update_is_low_rank:  # the layer says whether its update is B·A
+            raise ValueError(
+                f"{path} is a {config.variant} adapter, whose update is not B·A of rank r: φ compares the "
+                "subspaces of A, B and B·A (§7.2), which say nothing of it; Table 7 (amplification) does take it"
+            )
     if meta1["base_config"] != meta2["base_config"] or not same_weights(
         meta1["base_fingerprint"], meta2["base_fingerprint"]
     ):
@@ -227,7 +233,7 @@ def amplification(W: torch.Tensor, delta: torch.Tensor, rank: int, seed: int = 0
 
 def weights_and_updates(model: GPT) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """{(layer, matrix name): (W, ΔW)} of a base with an unmerged adapter loaded: W the frozen rows
-    that the adapter's part covers (d_rows × d_in), ΔW = (α/r)·B·A from the layer itself."""
+    that the adapter's part covers (d_rows × d_in), ΔW = W_eff − W0 as the layer computes it ((α/r)·B·A for LoRA)."""
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -5,10 +5,11 @@
 §4.1: to switch tasks, recover W0 by subtracting B·A, then add another B'·A'. §4.2 (practical
 benefits) adds that only the LoRA weights are swapped, not the whole model, and names the cost:
 with A and B merged into W, inputs of different tasks cannot share one forward pass, unless the
-modules stay unmerged and are chosen per sample. Here each LoRA layer keeps every named adapter's
-A and B stacked in its bank (0.6 MB an adapter for GPT-2 small at r = 4 on q,v); `set_adapter`
-swaps one in (an unmerge and a merge, never a reload of the base), and `adapter_per_row` gives
-each row of one unmerged batch its own adapter.
+modules stay unmerged and are chosen per sample. Here each adapted layer keeps a bank: every named
+adapter's tensors (the layer's `adapter_tensors`: A and B, and a variant's own) stacked (0.6 MB an
+adapter for GPT-2 small at r = 4 on q,v); `set_adapter` swaps one in (an unmerge and a merge, never
+a reload of the base), and `adapter_per_row` runs the layer's own forward with each row's tensors, so
+the bank holds no copy of eq. 3 and serves any variant of the layer (DoRA too).
 """
 
 from __future__ import annotations
@@ -19,67 +20,33 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 import sample
 from lab import command_line
-from lora import (
-    LoRALinear,
-    adapter_key,
-    check_adapter_fits,
-    lora_state_dict,
-    merge_lora,
-    read_adapter,
-    unmerge_lora,
-    unmerged,
-)
+from lora import LoRALinear, check_adapter_fits, lora_state_dict, merge_lora, read_adapter, unmerge_lora, unmerged
 from model import GPT
 from utils import add_hardware_flags, autocast, for_inference, resolve_device, resolve_dtype, unwrap
 
 
-class BankedLoRALinear(LoRALinear):
-    """A LoRALinear (sharing its weights and active adapter) that also holds a bank of named
-    adapters: `bank_A[part]` (n_adapters, r, d_in), `bank_B[part]` (n_adapters, d_rows, r). While
-    `adapter_index` (one entry per row of the batch, -1 for none) is set, each row gets its own."""
-
-    def __init__(self, layer: LoRALinear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.parts = layer.in_features, layer.out_features, layer.parts
-        self.weight, self.bias, self.scaling, self.merged = layer.weight, layer.bias, layer.scaling, layer.merged
-        self.lora_A, self.lora_B, self.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
-        self.bank_A, self.bank_B = nn.ParameterDict(), nn.ParameterDict()
-        self.adapter_index: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.adapter_index is None:
-            return super().forward(x)
-        if x.size(0) != self.adapter_index.size(0):
-            raise ValueError(f"a batch of {x.size(0)} rows but {self.adapter_index.size(0)} adapter choices")
-        h = nn.functional.linear(x, self.weight, self.bias)  # W0·x
-        x = self.lora_dropout(x)
-        has_adapter = (self.adapter_index >= 0).to(h.dtype).view(-1, 1, 1)  # rows with -1 get nothing
-        index = self.adapter_index.clamp(min=0)
-        for name, rows in self.parts.items():
-            A_per_row = self.bank_A[name][index]  # (B, r, d_in)
-            B_per_row = self.bank_B[name][index]  # (B, d_rows, r)
-            # eq. 3 with each row's own A and B, two batched matmuls: (B, T, d_in) -> (B, T, r) -> (B, T, d_rows)
-            delta = self.scaling * (x @ A_per_row.transpose(1, 2) @ B_per_row.transpose(1, 2)) * has_adapter
-            h = h + nn.functional.pad(delta, (rows.start, self.out_features - rows.stop))  # out of place, as LoRALinear
-        return h
-
-
-def banked_layers(model: GPT) -> list[tuple[str, BankedLoRALinear]]:
-    """The model's LoRA layers, each turned into a BankedLoRALinear the first time (named as in the model)."""
+def adapted_layers(model: GPT) -> list[tuple[str, LoRALinear]]:
+    """(name in the model, layer) of every adapted layer."""
     raw = unwrap(model)
     if getattr(raw, "lora_config", None) is None:
         raise ValueError("this model has no LoRA layers to bank adapters in")
-    layers = []
-    for name, layer in [(n, m) for n, m in raw.named_modules() if isinstance(m, LoRALinear)]:
-        if not isinstance(layer, BankedLoRALinear):
-            parent, _, child = name.rpartition(".")
-            layer = BankedLoRALinear(layer)
-            setattr(raw.get_submodule(parent), child, layer)
-        layers.append((name, layer))
-    return layers
+    return [(name, m) for name, m in raw.named_modules() if isinstance(m, LoRALinear)]
+
+
+def bank_name(key: str) -> str:
+    """The buffer that banks the adapter tensor `key` of a layer: 'lora_A.q' -> 'bank_lora_A_q'."""
+    return "bank_" + key.replace(".", "_")
+
+
+def bank(layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """{adapter tensor: every banked adapter's, stacked (n_adapters, ...)} of one layer. Buffers, not parameters:
+    never part of an adapter (nor of the state dict), they follow the model to its device and dtype; frozen
+    unless you set their `requires_grad`."""
+    return {key: layer.get_buffer(bank_name(key)) for key in layer.adapter_tensors()}
 
 
 def adapter_names(model: GPT) -> list[str]:
@@ -93,7 +60,7 @@ def adapter_names(model: GPT) -> list[str]:
 def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
     """Keep an adapter under `name` in the model's bank: the one in the file `path` (checked like
     load_adapter), or without a path a copy of the model's active adapter (e.g. one just trained).
-    All adapters on one model share the rank, alpha and targets, so that they stack."""
+    All adapters on one model share the LoRA settings, so that they stack."""
     raw = unwrap(model)
     if path is not None:
         tensors, metadata = read_adapter(path)
@@ -104,15 +71,12 @@ def add_adapter(model: GPT, name: str, path: str | None = None) -> None:
         tensors = lora_state_dict(raw)
     if name in adapter_names(raw):
         raise ValueError(f"an adapter named '{name}' is already on this model")
-    for module_name, layer in banked_layers(raw):
-        block, module = module_name.removeprefix("transformer.h.").split(".", 1)
-        for bank, matrix in ((layer.bank_A, "A"), (layer.bank_B, "B")):
-            for part in layer.parts:
-                # a copy, never a view: the bank must not change when the active adapter trains or loads
-                new = tensors[adapter_key(int(block), module, matrix, part)].detach()
-                new = new.to(layer.weight.device, layer.weight.dtype)
-                stacked = torch.cat([bank[part], new[None]]) if part in bank else new[None].clone()
-                bank[part] = nn.Parameter(stacked, requires_grad=False)  # frozen unless you train the bank
+    for module_name, layer in adapted_layers(raw):
+        for key, active in layer.adapter_tensors().items():
+            # a copy, never a view: the bank must not change when the active adapter trains or loads
+            new = tensors[f"{module_name}.{key}"].detach().to(active.device, layer.weight.dtype)[None]
+            banked = getattr(layer, bank_name(key), None)
+            layer.register_buffer(bank_name(key), new.clone() if banked is None else torch.cat([banked, new]), False)
     adapter_names(raw).append(name)
 
 
@@ -122,10 +86,29 @@ def set_adapter(model: GPT, name: str) -> None:
     raw = unwrap(model)
     index = adapter_indices(raw, [name])[0]
     with unmerged(raw), torch.no_grad():
-        for _, layer in banked_layers(raw):
-            for part in layer.parts:
-                layer.lora_A[part].copy_(layer.bank_A[part][index])
-                layer.lora_B[part].copy_(layer.bank_B[part][index])
+        for _, layer in adapted_layers(raw):
+            for key, stacked in bank(layer).items():
+                layer.adapter_tensors()[key].copy_(stacked[index])
+
+
+class AdapterPerRow(nn.Module):
+    """Stands in for an adapted layer inside `adapter_per_row`: row b of the batch runs the layer's own forward
+    with adapter index[b]'s tensors from the bank (a leading batch dimension on each: torch.func.functional_call
+    swaps them in), rows of index -1 the base alone."""
+
+    def __init__(self, layer: LoRALinear, index: torch.Tensor):
+        super().__init__()
+        self.layer, self.index, self.some_base_only = layer, index, bool((index < 0).any())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) != self.index.size(0):
+            raise ValueError(f"a batch of {x.size(0)} rows but {self.index.size(0)} adapter choices")
+        per_row = {key: stacked[self.index.clamp(min=0)] for key, stacked in bank(self.layer).items()}
+        h = functional_call(self.layer, per_row, (x,))
+        if not self.some_base_only:
+            return h
+        base_only = (self.index < 0).view(-1, *[1] * (x.dim() - 1))
+        return torch.where(base_only, nn.functional.linear(x, self.layer.weight, self.layer.bias), h)
 
 
 @contextmanager
@@ -133,19 +116,21 @@ def adapter_per_row(model: GPT, names: list[str | None]) -> Iterator[None]:
     """Inside the block, row b of every batch runs with the adapter names[b] (None: the base
     alone), in one forward pass. Works for generation (the rows keep their adapters at every step)
     and for training: gradients reach the banks of the adapters used, zero for the others (set
-    `requires_grad` on the `bank_A`/`bank_B` parameters to train them). Needs an unmerged model."""
+    `requires_grad` on the `bank` buffers to train them). Needs an unmerged model."""
     raw = unwrap(model)
-    layers = [layer for _, layer in banked_layers(raw)]
-    if any(layer.merged for layer in layers):
+    layers = adapted_layers(raw)
+    if any(layer.merged for _, layer in layers):
         raise ValueError("mixed-adapter batches run unmerged: call unmerge_lora(model) first")
-    index = torch.tensor(adapter_indices(raw, names), device=layers[0].weight.device)
-    for layer in layers:
-        layer.adapter_index = index
+    index = torch.tensor(adapter_indices(raw, names), device=layers[0][1].weight.device)
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(raw.get_submodule(parent), child, AdapterPerRow(layer, index))
     try:
         yield
     finally:
-        for layer in layers:
-            layer.adapter_index = None
+        for name, layer in layers:
+            parent, _, child = name.rpartition(".")
+            setattr(raw.get_submodule(parent), child, layer)
 
 
 def adapter_indices(model: GPT, names: list[str | None]) -> list[int]:

@@ -45,13 +45,12 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import save_file
 
-from lab import command_line
+from lab import command_line, parse_adapter_key
 from lora import (
     TARGETS,
     LoRAConfig,
     apply_lora,
     lora_state_dict,
-    parse_adapter_key,
     read_adapter,
     save_adapter,
 )

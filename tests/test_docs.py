@@ -28,6 +28,8 @@ import shlex
 import pytest
 import torch
 
+import lora
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
@@ -35,7 +37,7 @@ DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path
 EXTERNAL = {"pytest"}
 # Words about where the project is developed, which nothing a user reads may contain.
 FORBIDDEN = ("../shared", "this machine", "development machine", "development session", "lent for")
-EQ3 = "delta = self.scaling * (x @ self.lora_A[name].t() @ self.lora_B[name].t())"
+EQ3 = "delta = self.scaling * (x @ self.lora_A[name].mT @ self.lora_B[name].mT)"
 
 
 class Parsed(Exception):
@@ -161,16 +163,17 @@ def test_readme_is_short():
         assert len(f.readlines()) <= 250
 
 
-def test_readme_eq3_is_lora_py_line():
+def test_the_readme_points_to_eq3_by_a_name_that_holds_it():
+    """No line numbers in prose: the README names the function where eq. 3 is written, and that function exists
+    and holds eq. 3's line."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    with open(os.path.join(ROOT, "lora.py"), encoding="utf-8") as f:
-        lora = f.read().splitlines()
-    assert EQ3 in readme
-    numbers = [int(n) for n in re.findall(r"lora\.py#L(\d+)", readme)]
-    assert numbers, "the README links lora.py's eq. 3 line"
-    for n in numbers:
-        assert EQ3 in lora[n - 1], f"lora.py line {n} is not eq. 3: {lora[n - 1].strip()!r}"
+    assert EQ3 in readme and not re.search(r"lora\.py#L\d+|lora\.py` line \d+", readme)
+    row = next(line for line in readme.splitlines() if line.startswith("| §4.1, eq. 3"))
+    names = re.findall(r"`([A-Z]\w*)\.(\w+)`", row)  # `Class.method`
+    assert ("LoRALinear", "forward") in names, row
+    for cls, method in names:
+        assert EQ3 in inspect.getsource(getattr(getattr(lora, cls), method)), f"{cls}.{method} does not hold eq. 3"
 
 
 @pytest.mark.parametrize("path", DOCS)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import lora
 from conftest import TINY
-from lab.multi_adapter import adapter_per_row, add_adapter, banked_layers, set_adapter
+from lab.multi_adapter import adapted_layers, adapter_per_row, add_adapter, bank, set_adapter
 from model import GPT
 
 TARGETS = ("q", "v", "o", "mlp")  # fused and unfused layers, several parts per layer
@@ -84,7 +84,9 @@ def test_mixed_batch_equals_each_row_alone_with_its_adapter_merged(two_adapter_f
     for row, name in enumerate(rows):
         alone = base_only(W0) if name is None else fresh_merged(W0, {"a": a, "b": b}[name])
         assert (mixed[row] - alone(idx[row : row + 1])[0][0]).abs().max().item() <= 1e-5, row
-    assert all(layer.adapter_index is None for layer in lora.lora_layers(base))  # the block cleaned up
+    assert (
+        len(lora.lora_layers(base)) == 4 * TINY.n_layer
+    )  # the adapted layers back in place: c_attn, c_proj, c_fc, c_proj
 
 
 def test_mixed_batch_generation_equals_merged_generation_per_adapter(two_adapter_files):
@@ -126,7 +128,7 @@ def test_mixed_batch_training_gives_each_bank_slot_the_gradient_of_its_rows_alon
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_adapter(tiny_model, seed)
         add_adapter(tiny_model, name)  # a copy of the active adapter
-    banks = [p for _, layer in banked_layers(tiny_model) for p in [*layer.bank_A.values(), *layer.bank_B.values()]]
+    banks = [stacked for _, layer in adapted_layers(tiny_model) for stacked in bank(layer).values()]
     for p in banks:
         p.requires_grad_(True)
     idx = torch.randint(0, TINY.vocab_size, (3, 8))

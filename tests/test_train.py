@@ -102,7 +102,7 @@ def test_pairs_loss_is_the_mean_over_target_tokens_of_the_whole_step(tmp_path):
     mask = np.array([0, 0, 0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 1, 1], dtype=np.uint8)
     folder = str(tmp_path / "pairs")
     prepare_data.write_folder(folder, {"train.bin": tokens, "train_mask.bin": mask}, {})
-    split = train.load_split(folder, "train", block_size=6, eot_token=100)
+    split = prepare_data.load_split(folder, "train", block_size=6, eot_token=100)
     assert split.starts.tolist() == [0, 7, 15]  # windows start on an example's first token
 
     batches, generator = {}, torch.Generator().manual_seed(0)
@@ -395,8 +395,8 @@ def test_pairs_too_long_for_the_block_size_are_refused_not_a_zero_loss(tmp_path)
     with pytest.raises(
         ValueError, match="no window of --block-size 2 .* the shortest context is 3 tokens; use --block-size 8 or more"
     ):
-        train.load_split(folder, "train", block_size=2, eot_token=100)
-    assert train.load_split(folder, "train", block_size=3, eot_token=100).starts.tolist() == [7]  # the short one
+        prepare_data.load_split(folder, "train", block_size=2, eot_token=100)
+    assert prepare_data.load_split(folder, "train", block_size=3, eot_token=100).starts.tolist() == [7]  # the short one
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(tmp_path, char_data, monkeypatch, capsys):
@@ -436,8 +436,8 @@ def pairs_folder(tmp_path) -> str:
 def test_padded_batches_hold_one_whole_example_per_row_with_loss_on_its_target(tmp_path):
     folder = pairs_folder(tmp_path)
     with pytest.raises(ValueError, match="has an example of 8 tokens: use --block-size 7 or more"):
-        train.load_split(folder, "train", block_size=6, eot_token=100, padded=True)
-    split = train.load_split(folder, "train", block_size=7, eot_token=100, padded=True)
+        prepare_data.load_split(folder, "train", block_size=6, eot_token=100, padded=True)
+    split = prepare_data.load_split(folder, "train", block_size=7, eot_token=100, padded=True)
     x, y = train.padded_batch(split, [2, 1], "cpu")
     assert x.tolist() == [[13, 4, 14, 0, 0, 0, 0], [7, 8, 4, 9, 10, 11, 12]]
     assert y.tolist() == [[-1, 14, 100, -1, -1, -1, -1], [-1, -1, 9, 10, 11, 12, 100]]
@@ -448,7 +448,7 @@ def test_padded_batches_hold_one_whole_example_per_row_with_loss_on_its_target(t
     plain = str(tmp_path / "plain")
     prepare_data.write_folder(plain, {"train.bin": np.arange(50, dtype=np.uint16)}, {})
     with pytest.raises(ValueError, match="holds plain text: --batching padded needs pairs"):
-        train.load_split(plain, "train", block_size=7, eot_token=100, padded=True)
+        prepare_data.load_split(plain, "train", block_size=7, eot_token=100, padded=True)
 
 
 def test_the_papers_e2e_recipe_runs_by_epochs_with_a_linear_schedule_and_label_smoothing(tmp_path):
