@@ -52,7 +52,7 @@ class DoRALinear(LoRALinear):
             scale = (self.lora_magnitude[name] / self.weight_norm(name)).unsqueeze(-2)  # m / ‖W0 + ΔW‖: (…, 1, d_rows)
             lora = self.scaling * (x @ self.lora_A[name].mT @ self.lora_B[name].mT)  # eq. 3's update, as in LoRA
             delta = (scale - 1) * F.linear(x, self.weight[rows]) + scale * lora  # W'·x − W0·x; W' is never built
-            h = h + F.pad(delta, (rows.start, self.out_features - rows.stop))
+            h = h + F.pad(delta.to(h.dtype), (rows.start, self.out_features - rows.stop))  # m is fp32; h stays h's
         return h
 
     def delta_weight(self, name: str) -> torch.Tensor:

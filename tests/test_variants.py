@@ -153,15 +153,16 @@ def test_the_analysis_and_the_peft_export_serve_the_layer_or_refuse_in_one_line(
         assert one_line_refusal(error)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_resumed_run_of_each_kind_ends_bit_for_bit_where_a_straight_run_ends(tmp_path, monkeypatch, kind):
+def test_a_resumed_run_of_each_kind_ends_bit_for_bit_where_a_straight_run_ends(tmp_path, monkeypatch, kind, dtype):
     tokens = np.frombuffer(english_text(12_000).encode("ascii"), dtype=np.uint8).astype(np.uint16)
     data = str(tmp_path / "chars")
     meta = dict(format="text", tokenizer="ascii", vocab_size=128, eot_token=0)
     prepare_data.write_folder(data, {"train.bin": tokens[:11_000], "val.bin": tokens[11_000:]}, meta)
     run = ["--base", "scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--rank", "4", "--variant", kind]
     run += ["--lora-dropout", "0.1", "--block-size", "32", "--batch-size", "4", "--max-iters", "12", "--data", data]
-    run += ["--eval-interval", "6", "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--dtype", "float32"]
+    run += ["--eval-interval", "6", "--eval-iters", "2", "--warmup-iters", "2", "--device", "cpu", "--dtype", dtype]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main([*run, "--run-dir", straight])
 
