@@ -73,6 +73,10 @@ def find_run(run: str | None, adapter: str | None, base: str | None) -> tuple[st
     if os.path.isfile(os.path.join(folder, "adapter.safetensors")):  # a LoRA run
         path = os.path.join(folder, "adapter.safetensors")
         return base or read_adapter(path)[1]["base"], path
+    if os.path.isfile(os.path.join(folder, "method.safetensors")):  # a run of lab/methods.py
+        raise ValueError(
+            f"{folder} is the run of a method LoRA is compared with (train.py --method): decode it with lab.e2e"
+        )
     if os.path.isfile(os.path.join(folder, "model.safetensors")):  # a --rank 0 run: the whole model
         return base or folder, None
     raise ValueError(

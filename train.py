@@ -14,6 +14,7 @@ over the trainable parameters → resume → compile → DDP → the loop. Outpu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import pickle
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -59,6 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
     variant_help = "the adapted layer: lora (eq. 3), or a variant of it (if unset, lora): dora (lab/dora.py)"
     lora.add_argument("--variant", choices=VARIANTS, help=variant_help)
+    method_help = (
+        "with --rank 0: a method of Table 3 instead, NAME=SIZE: ft-top=2, adapter-h=8, adapter-l=16 (lab/methods.py)"
+    )
+    lora.add_argument("--method", help=method_help)
     model = parser.add_argument_group("model and data")
     base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"
     model.add_argument("--base", default="gpt2", help=base_help)
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     given = [flag for flag, value in lora_flags.items() if value is not None]
     if args.rank < 0:
         parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")
+    if args.method and args.rank != 0:
+        parser.error(f"--method {args.method} replaces LoRA: give --rank 0 with it")
     if args.rank == 0 and given:
         parser.error(f"{', '.join(given)} configure LoRA, but --rank 0 trains every weight without it: drop them")
     if args.resume and args.overwrite:
@@ -282,7 +290,14 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 # beside it is the run's product, written after it; a crash in between leaves the product one
 # checkpoint behind, never half written.
 
-RUN_FILES = ("adapter.safetensors", "config.json", "model.safetensors", "train_state.pt", "log.jsonl")
+RUN_FILES = (
+    "adapter.safetensors",
+    "method.safetensors",
+    "config.json",
+    "model.safetensors",
+    "train_state.pt",
+    "log.jsonl",
+)
 
 
 def check_run_folder(run: str, resume: bool, overwrite: bool) -> list[str]:
@@ -309,6 +324,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "base": args.base,
         "scratch_shape": scratch,
         "lora": asdict(config) if config else None,
+        "method": args.method,
         "batching": args.batching,
     }
 
@@ -340,10 +356,18 @@ def save_checkpoint(
     }
     with atomic_path(os.path.join(args.run_dir, "train_state.pt")) as tmp:
         torch.save(state, tmp)
+    name, save = product(args)
+    save(raw_model, os.path.join(args.run_dir, name))
+
+
+def product(args: argparse.Namespace) -> tuple[str, Callable[[GPT, str], None]]:
+    """The file a run writes beside its checkpoint, and how: the adapter (LoRA), a lab method's parameters
+    (--method), or the whole model (--rank 0, with its config.json)."""
+    if args.method:
+        return "method.safetensors", importlib.import_module("lab.methods").save_method
     if args.rank > 0:
-        save_adapter(raw_model, os.path.join(args.run_dir, "adapter.safetensors"))
-    else:
-        raw_model.save_pretrained(args.run_dir)
+        return "adapter.safetensors", save_adapter
+    return "model.safetensors", lambda model, path: model.save_pretrained(os.path.dirname(path))
 
 
 def read_train_state(path: str, settings: dict, world_size: int) -> dict:
@@ -362,13 +386,13 @@ def read_train_state(path: str, settings: dict, world_size: int) -> dict:
     keys = ("step", "trained", "optimizer", "scaler", "rng", "settings")
     if not isinstance(state, dict) or any(key not in state for key in keys):
         raise ValueError(f"{path} is not a state written by train.py (it lacks {', '.join(keys)})")
-    stored = state["settings"]
+    stored = {"method": None} | state["settings"] if isinstance(state["settings"], dict) else state["settings"]
     # its LoRA settings read as a LoRAConfig: an older run, without a field added since, resumes with its default
     if isinstance(stored, dict) and stored.get("lora") is not None:
         stored = stored | {"lora": asdict(LoRAConfig.from_dict(stored["lora"], path))}
     if stored != settings:
         raise ValueError(
-            f"{path} was written by a run with {stored}; resume it with the same --base, LoRA settings and --batching"
+            f"{path} was written by a run with {stored}; resume it with the same --base, LoRA settings, --method and --batching"
         )
     if len(state["rng"]) != world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many")
@@ -532,6 +556,8 @@ def train(args: argparse.Namespace) -> GPT:
     torch.manual_seed(args.seed)
     scratch_sizes = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     raw_model = build_model(args.base, scratch_sizes, args.block_size, args.data, meta["vocab_size"], config)
+    if args.method:  # a method LoRA is compared with (lab/methods.py): it freezes the base and adds its own parameters
+        raw_model = importlib.import_module("lab.methods").apply_method(raw_model, args.method)
     raw_model.to(device)
     raw_model.activation_checkpointing = args.activation_checkpointing
     if config:
@@ -539,7 +565,7 @@ def train(args: argparse.Namespace) -> GPT:
     for split, name in ((train_split, "train"), (val_split, "val")):
         check_token_ids(split, os.path.join(args.data, f"{name}.bin"), raw_model.config.vocab_size)
     if is_main:
-        what = f"LoRA r={config.rank} on {','.join(config.targets)}" if config else "full fine-tuning"
+        what = f"LoRA r={config.rank} on {','.join(config.targets)}" if config else args.method or "full fine-tuning"
         print(f"{args.base} + {what}: {parameter_summary(raw_model)}")
         base_in = f", frozen base in {str(dtype).removeprefix('torch.')}" if config and dtype != torch.float32 else ""
         print(f"precision: autocast {describe_dtype(device, args.dtype)}{base_in}")
@@ -597,7 +623,7 @@ def train(args: argparse.Namespace) -> GPT:
         raise SystemExit(130) from None
     bar.close()
     if is_main and start_step < args.max_iters:
-        written = os.path.join(args.run_dir, "adapter.safetensors" if config else "model.safetensors")
+        written = os.path.join(args.run_dir, product(args)[0])
         print(
             f"{args.max_iters - start_step} steps in {time.time() - started:.0f} s, {tokens_per_s:,.0f} tokens/s "
             f"while training; wrote {written} ({os.path.getsize(written) / 1e6:.2f} MB)"

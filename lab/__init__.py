@@ -1,7 +1,8 @@
 """The lab: experiments and measurements beside the core, which never imports it (bench.py only the adapter
 baselines it measures, lora.py only a LoRA variant's layer, by its name in lora.VARIANTS, when a config asks for
-it): the Table-1 adapter baselines, DoRA, §7 analysis, PEFT interop, several adapters in one batch and their
-benchmark, profiling, the E2E evaluation, and the paper's GPT-2 tables in miniature."""
+it, train.py only lab/methods.py, when --method asks for it): the Table-1 adapter baselines, the methods of
+Table 3, DoRA, §7 analysis, PEFT interop, several adapters in one batch and their benchmark, profiling, the E2E
+evaluation, and the paper's GPT-2 tables in miniature."""
 
 import argparse
 import re

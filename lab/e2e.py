@@ -26,6 +26,7 @@ import sample
 from lab import command_line
 from lab.beam_search import beam_search
 from lab.e2e_metrics import METRICS, group_pairs, score
+from lab.methods import load_method, method_file, read_method
 from lora import load_adapter, merge_lora
 from model import GPT
 from utils import add_hardware_flags, atomic_path, for_inference, resolve_device, resolve_dtype
@@ -39,8 +40,13 @@ PAPER_TABLE3 = {
 
 
 def load_run(run_dir: str, base: str | None) -> tuple[GPT, str]:
-    """The model a train.py run folder describes, ready to decode: base + merged adapter, or the
-    fully fine-tuned model; and a one-line description."""
+    """The model a train.py run folder describes, ready to decode: base + merged adapter, the fully
+    fine-tuned model, or base + a method's parameters (lab/methods.py); and a one-line description."""
+    path = method_file(run_dir)
+    if path:  # a method LoRA is compared with (Table 3): its parameters on its base
+        base = base or read_method(path)[1]["base"]
+        model = sample.load_base(base)
+        return model, f"{base} + {load_method(model, path)}"
     base, adapter = sample.find_run(run_dir, None, base)
     model = sample.load_base(base)
     if adapter is None:
