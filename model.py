@@ -32,6 +32,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        # None, or a module giving keys and values (nh, l_p, hs) that every token sees before the first one:
+        # prefix-layer tuning (Li & Liang, 2021), a method LoRA is compared with (lab/methods.py)
+        self.prefix: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -40,6 +43,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, past + T, hs): the cached tokens, then these T
+        if self.prefix is not None:  # (B, nh, l_p + past + T, hs): the prefix is a past every token sees
+            k, v = (torch.cat([p.expand(B, -1, -1, -1), t], dim=2) for p, t in zip(self.prefix(), (k, v)))
         past = k.size(2) - T
         # Without a past, the usual causal mask. After a past, new token i sits at position
         # past + i and sees keys 0 .. past + i: the causal mask shifted right by `past`, which for

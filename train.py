@@ -61,9 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
     variant_help = "the adapted layer: lora (eq. 3), or a variant of it (if unset, lora): dora (lab/dora.py)"
     lora.add_argument("--variant", choices=VARIANTS, help=variant_help)
-    method_help = (
-        "with --rank 0: a method of Table 3 instead, NAME=SIZE: ft-top=2, adapter-h=8, adapter-l=16 (lab/methods.py)"
-    )
+    method_help = "with --rank 0: a method of Table 3 instead, NAME=SIZE: ft-top=2, adapter-h=8, adapter-l=16, prefix=8 (lab/methods.py)"
     lora.add_argument("--method", help=method_help)
     model = parser.add_argument_group("model and data")
     base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"

@@ -3,6 +3,7 @@
     python train.py --rank 0 --method ft-top=2 ...       # FT^Top2: only the last 2 blocks train
     python train.py --rank 0 --method adapter-h=8 ...    # Adapter^H, bottleneck 8
     python train.py --rank 0 --method adapter-l=16 ...   # Adapter^L, bottleneck 16
+    python train.py --rank 0 --method prefix=8 ...       # PreLayer, 8 prefix positions
 
 A method is NAME=SIZE. It freezes the base and puts its trainable parameters in place; the run writes
 `method.safetensors` beside its checkpoint: exactly those parameters, under their names in the model, with the
@@ -15,6 +16,11 @@ nothing else. `python -m lab.e2e` decodes such a run; sample.py and the adapter 
 - Adapter^H (Houlsby et al., 2019) and Adapter^L (Lin et al., 2020), as lab/adapter_baselines.py builds them
   for Table 1, here trained: a bottleneck of `SIZE` after each block's attention and MLP (H), or after its MLP
   with a LayerNorm first (L); the up-projection starts at zero, so the untrained model is the base.
+- PreLayer, prefix-layer tuning (Li & Liang, 2021): `SIZE` learned keys and values in every block's attention,
+  seen by every token before the first one (n_layer × 2 × SIZE × d parameters). The tokens keep their positions
+  (0, 1, ...); Li & Liang's GPT-2 code, which passes the prefix as past keys and values, shifts them by SIZE.
+  Trained directly, without their MLP reparametrisation; the KV cache and beam search hold the tokens alone,
+  and the attention adds the prefix at every step.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import os
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
-from model import GPT, config_dict, same_weights, weights_fingerprint
+from model import GPT, KVCache, config_dict, same_weights, weights_fingerprint
 from utils import atomic_path, open_safetensors
 
 
@@ -40,7 +47,39 @@ def top_blocks(model: GPT, n: int) -> GPT:
     return model
 
 
-METHODS = {"ft-top": top_blocks, "adapter-h": add_houlsby_adapters, "adapter-l": add_lin_adapters}
+class Prefix(nn.Module):
+    """One block's prefix: l_p learned keys and values for each head, (nh, l_p, hs) each; the attention puts them
+    before the first token (model.CausalSelfAttention.prefix)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = nn.Parameter(keys), nn.Parameter(values)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+
+@torch.no_grad()
+def prefix_layers(model: GPT, length: int, seed: int = 0) -> GPT:
+    """PreLayer: `length` learned keys and values in every block's attention, nothing else trained. They start
+    as the keys and values the base itself computes for `length` tokens drawn with their own generator (Li &
+    Liang start from real words' activations, steadier than random ones)."""
+    model.requires_grad_(False)
+    tokens = torch.randint(model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    caches, training = [KVCache(length) for _ in model.transformer.h], model.training
+    model.eval().hidden_states(tokens.to(model.lm_head.weight.device), caches)  # eval: no dropout, no draw
+    model.train(training)
+    for block, cache in zip(model.transformer.h, caches):
+        block.attn.prefix = Prefix(cache.k[0].clone(), cache.v[0].clone())  # (nh, l_p, hs)
+    return model
+
+
+METHODS = {
+    "ft-top": top_blocks,
+    "adapter-h": add_houlsby_adapters,
+    "adapter-l": add_lin_adapters,
+    "prefix": prefix_layers,
+}
 
 
 def parse_method(spec: str) -> tuple[str, int]:

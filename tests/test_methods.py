@@ -14,13 +14,14 @@ import sample
 import train
 from conftest import TINY, english_text
 from lab.analysis import similarity
+from lab.beam_search import beam_search
 from lab.e2e import load_run
 from lab.methods import apply_method, load_method, method_state_dict, save_method
 from lab.peft_interop import export_peft
 from lora import read_adapter
 from model import GPT
 
-SPECS = ["ft-top=1", "adapter-h=4", "adapter-l=6"]
+SPECS = ["ft-top=1", "adapter-h=4", "adapter-l=6", "prefix=3"]
 D = TINY.n_embd
 
 
@@ -30,6 +31,7 @@ def expected_count(spec: str) -> int:
         "ft-top=1": 12 * D * D + 13 * D,  # c_attn 3d²+3d, c_proj d²+d, c_fc 4d²+4d, c_proj 4d²+d, two LayerNorms 4d
         "adapter-h=4": 2 * (D * 4 + 4 + 4 * D + D),  # two adapters a block, after attention and MLP
         "adapter-l=6": 2 * D + D * 6 + 6 + 6 * D + D,  # one a block, after the MLP, LayerNorm first
+        "prefix=3": 2 * 3 * D,  # 3 keys and 3 values (all heads: d wide) a block
     }[spec]
     return per_block * (1 if spec.startswith("ft-top") else TINY.n_layer)
 
@@ -45,9 +47,15 @@ def moved(model: GPT, seed: int = 0) -> GPT:
 
 @pytest.fixture
 def base_folder(tmp_path) -> str:
+    """A tiny base whose weights are large enough that greedy text follows what a method changes."""
     torch.manual_seed(0)
+    base = GPT(TINY)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "ln_" not in name and not name.endswith("bias"):
+                p.normal_(0, 0.5)
     folder = str(tmp_path / "base")
-    GPT(TINY).save_pretrained(folder)
+    base.save_pretrained(folder)
     return folder
 
 
@@ -161,3 +169,21 @@ def test_a_method_needs_rank_0_and_a_known_name(capsys):
     assert "--method adapter-h=8 replaces LoRA: give --rank 0 with it" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method 'prefix-tuning=10': give NAME=SIZE, NAME one of ft-top,"):
         apply_method(GPT(TINY), "prefix-tuning=10")
+
+
+def test_a_prefixed_model_decodes_the_same_with_beam_search_and_with_prompts_of_other_lengths(base_folder):
+    """Beam search keeps its own KV cache, which holds the tokens alone; the attention adds the prefix at every
+    step. With one beam it is greedy decoding; prompts of different lengths in one batch get what each gets alone."""
+    model = moved(apply_method(GPT.from_pretrained(base_folder), "prefix=3")).eval()
+    prompts = [[5, 9, 2, 7], [11, 3]]
+    greedy = dict(num_beams=1, no_repeat_ngram_size=0, eos_token_id=[])
+    together = beam_search(model, prompts, 12, **greedy)
+    for prompt, tokens in zip(prompts, together):
+        assert (
+            model.generate(torch.tensor([prompt]), 12, temperature=0, use_cache=False)[0, len(prompt) :].tolist()
+            == tokens
+        )
+        assert (
+            beam_search(model, [prompt], 12, num_beams=3, eos_token_id=[])
+            == beam_search(model, [prompt, prompts[0]], 12, num_beams=3, eos_token_id=[])[:1]
+        )
