@@ -7,8 +7,8 @@
 
 One straight path in `train()`: data → base model → LoRA (freezes the base) → device → optimizer
 over the trainable parameters → resume → compile → DDP → the loop. Output in the run folder
-(--run-dir): `adapter.safetensors` (LoRA) or `config.json` + `model.safetensors` (--rank 0),
-`log.jsonl`, and `train_state.pt`, the checkpoint --resume reads.
+(--run-dir): `adapter.safetensors` (LoRA), `config.json` + `model.safetensors` (--rank 0) or
+`method.safetensors` (--method), `log.jsonl`, and `train_state.pt`, the checkpoint --resume reads.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lora.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch's input (if unset, 0)")
     variant_help = "the adapted layer: lora (eq. 3), or a variant of it (if unset, lora): dora (lab/dora.py)"
     lora.add_argument("--variant", choices=VARIANTS, help=variant_help)
-    method_help = "with --rank 0: a method of Table 3 instead, NAME=SIZE: ft-top=2, adapter-h=8, adapter-l=16, prefix=8 (lab/methods.py)"
+    method_help = (
+        "with --rank 0: a method of Table 3 instead of full fine-tuning, NAME=SIZE: ft-top=2, adapter-h=8, "
+        "adapter-l=16, prefix=8 (lab/methods.py)"
+    )
     lora.add_argument("--method", help=method_help)
     model = parser.add_argument_group("model and data")
     base_help = "gpt2, gpt2-medium, gpt2-large, gpt2-xl (the hub), a --rank 0 run's folder, or scratch (random)"
