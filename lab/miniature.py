@@ -262,8 +262,10 @@ class Scale:
     batch_size: int = 8
     eval_iters: int | None = None  # held-out batches per evaluation; None: every held-out pair
     curve_points: int = 4  # held-out losses logged per Table 3 run, for the loss curves
-    full_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # candidates, chosen on the held-out MRs
+    full_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # candidates, chosen on the held-out MRs (FT and FT^Top2)
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
+    adapter_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # Adapter^H and Adapter^L
+    prefix_lrs: tuple[float, ...] = (2e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
     max_new_tokens: int = 64  # the authors' E2E decoding limit
@@ -272,20 +274,62 @@ class Scale:
 
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
-    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), test_mrs=4, num_beams=2, max_new_tokens=12, java=False,
+    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), test_mrs=4, num_beams=2,
+    max_new_tokens=12, java=False,
 )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class Row:
+    """What one row trains: LoRA of `rank` on `targets`, a method of lab/methods.py, or (neither) every weight."""
+
+    rank: int = 0
+    targets: str = ""
+    method: str = ""  # train.py --method, NAME=SIZE
+
+    @property
+    def kind(self) -> str:
+        """'full', 'lora', or the method's name ('adapter-h', ...): which learning rates it is tried at."""
+        return "lora" if self.rank else self.method.partition("=")[0] or "full"
+
+
 ALPHA, LORA_DROPOUT = 32, 0.1  # the paper's E2E setting (Table 11)
-TABLE3 = {"fine-tuning": (0, ""), "LoRA r=4 q,v": (4, "q,v"), "LoRA r=4 q,k,v,o,mlp": (4, "q,k,v,o,mlp")}
+# Table 3 (§5.1's baselines, scaled as the paper's are to GPT-2 M: LoRA q,v r=4 is 16,384 parameters, 0.1% of the
+# base's 16M, as 0.35M is of 355M; the small Adapter^L and PreLayer at about that budget, the large adapters at
+# about 3% of the base, as 11.09M is of 355M; FT^Top2, the last 2 of 4 blocks)
+TABLE3 = {
+    "fine-tuning": Row(),
+    "FT^Top2": Row(method="ft-top=2"),
+    "Adapter^L (small)": Row(method="adapter-l=6"),
+    "Adapter^L (large)": Row(method="adapter-l=256"),
+    "Adapter^H": Row(method="adapter-h=128"),
+    "PreLayer": Row(method="prefix=8"),
+    "LoRA r=4 q,v": Row(4, "q,v"),
+    "LoRA r=4 q,k,v,o,mlp": Row(4, "q,k,v,o,mlp"),
+}
 # Table 5: one budget of trainable parameters (r·(number of matrices) = 8), spread over other weights
-TABLE5 = {"Wq": (8, "q"), "Wk": (8, "k"), "Wv": (8, "v"), "Wo": (8, "o"), "Wq, Wk": (4, "q,k")}
-TABLE5 |= {"Wq, Wv": (4, "q,v"), "Wq, Wk, Wv, Wo": (2, "q,k,v,o")}
+TABLE5 = {"Wq": Row(8, "q"), "Wk": Row(8, "k"), "Wv": Row(8, "v"), "Wo": Row(8, "o"), "Wq, Wk": Row(4, "q,k")}
+TABLE5 |= {"Wq, Wv": Row(4, "q,v"), "Wq, Wk, Wv, Wo": Row(2, "q,k,v,o")}
 TABLE6_RANKS = (1, 2, 4, 8, 64)
 
 
-def folder_name(rank: int, targets: str, lr: float) -> str:
-    """'lora-r4-q,v-lr0.004' or 'full-lr0.0005': one folder per run, whatever table shows it."""
-    return f"full-lr{lr:g}" if rank == 0 else f"lora-r{rank}-{targets}-lr{lr:g}"
+def learning_rates(scale: Scale, row: Row) -> tuple[float, ...]:
+    """The candidates for a row's learning rate."""
+    return {
+        "full": scale.full_lrs,
+        "ft-top": scale.full_lrs,
+        "lora": scale.lora_lrs,
+        "adapter-h": scale.adapter_lrs,
+        "adapter-l": scale.adapter_lrs,
+        "prefix": scale.prefix_lrs,
+    }[row.kind]
+
+
+def folder_name(row: Row, lr: float) -> str:
+    """'lora-r4-q,v-lr0.004', 'adapter-h128-lr0.002' or 'full-lr0.0005': one folder per run, whatever table shows it."""
+    if row.rank:
+        return f"lora-r{row.rank}-{row.targets}-lr{lr:g}"
+    return f"{row.method.replace('=', '') or 'full'}-lr{lr:g}"
 
 
 def as_argv(flags: dict) -> list[str]:
@@ -296,20 +340,20 @@ def as_argv(flags: dict) -> list[str]:
     return argv
 
 
-def finetune_argv(
-    scale: Scale, out: str, meta: dict, rank: int, targets: str, lr: float, curve: bool, seed: int
-) -> list[str]:
+def finetune_argv(scale: Scale, out: str, meta: dict, row: Row, lr: float, curve: bool, seed: int) -> list[str]:
     """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale. `meta` is the
     pairs' meta.json (how many training and held-out pairs)."""
     steps = math.ceil(scale.epochs * meta["train_examples"] / scale.batch_size)
     flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"), seed=seed)
-    flags |= dict(run_dir=os.path.join(out, folder_name(rank, targets, lr)), batching="padded", epochs=scale.epochs)
+    flags |= dict(run_dir=os.path.join(out, folder_name(row, lr)), batching="padded", epochs=scale.epochs)
     flags |= dict(batch_size=scale.batch_size, grad_accum=1, block_size=scale.block_size, schedule="linear")
     flags |= dict(warmup_iters=max(1, steps // 20), weight_decay=0.01, label_smoothing=0.1, lr=lr)
     flags |= dict(eval_iters=scale.eval_iters or math.ceil(meta["val_examples"] / scale.batch_size))
-    flags |= dict(eval_interval=max(1, steps // scale.curve_points) if curve else steps, rank=rank)
-    if rank:
-        flags |= dict(alpha=ALPHA, targets=targets, lora_dropout=LORA_DROPOUT)
+    flags |= dict(eval_interval=max(1, steps // scale.curve_points) if curve else steps, rank=row.rank)
+    if row.rank:
+        flags |= dict(alpha=ALPHA, targets=row.targets, lora_dropout=LORA_DROPOUT)
+    if row.method:
+        flags |= dict(method=row.method)
     return as_argv(flags)
 
 
@@ -419,9 +463,9 @@ def sweep(args: argparse.Namespace) -> dict:
         meta = json.load(f)
     with open(os.path.join(data, "train-names.txt"), encoding="utf-8") as f:
         seen = set(f.read().splitlines())
-    table6 = {f"r = {r}": (r, "q,v") for r in TABLE6_RANKS}
-    later = {folder_name(r, t, 0) for r, t in [*TABLE5.values(), *table6.values()]} - {folder_name(4, "q,v", 0)}
-    total = 1 + sum(len(scale.full_lrs if r == 0 else scale.lora_lrs) for r, _ in TABLE3.values()) + len(later)
+    table6 = {f"r = {r}": Row(r, "q,v") for r in TABLE6_RANKS}
+    later = {folder_name(row, 0) for row in [*TABLE5.values(), *table6.values()]} - {folder_name(Row(4, "q,v"), 0)}
+    total = 1 + sum(len(learning_rates(scale, row)) for row in TABLE3.values()) + len(later)
     report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
 
     def run(argv: list[str]) -> dict:
@@ -447,9 +491,9 @@ def sweep(args: argparse.Namespace) -> dict:
     with open(os.path.join(data, "held-out-sentences.txt"), encoding="utf-8") as f:
         held_out = [s for s in f.read().split(prepare_data.END_OF_TEXT) if s.strip()]
     report["copy_test"], report["end_of_text"] = copy_test(base), end_of_text(base, held_out)
-    for method, (rank, targets) in TABLE3.items():  # each method at its learning rate of lowest held-out loss
-        lrs = scale.full_lrs if rank == 0 else scale.lora_lrs
-        candidates = {lr: run(finetune_argv(scale, out, meta, rank, targets, lr, True, args.seed)) for lr in lrs}
+    for method, table_row in TABLE3.items():  # each method at its learning rate of lowest held-out loss
+        lrs = learning_rates(scale, table_row)
+        candidates = {lr: run(finetune_argv(scale, out, meta, table_row, lr, True, args.seed)) for lr in lrs}
         lr = min(candidates, key=lambda lr: candidates[lr]["val_loss"])  # the held-out MRs, never the test split
         report["tuning"][method] = {lr: row["val_loss"] for lr, row in candidates.items()}
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
@@ -465,11 +509,11 @@ def sweep(args: argparse.Namespace) -> dict:
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
     for table, rows in (("table5", TABLE5), ("table6", table6)):
         report[table] = {}
-        for name, (rank, targets) in rows.items():
-            if (rank, targets) == TABLE3["LoRA r=4 q,v"]:  # Table 3's row, trained once
+        for name, table_row in rows.items():
+            if table_row == TABLE3["LoRA r=4 q,v"]:  # Table 3's row, trained once
                 report[table][name] = report["table3"]["LoRA r=4 q,v"]
                 continue
-            row = run(finetune_argv(scale, out, meta, rank, targets, lr, False, args.seed))
+            row = run(finetune_argv(scale, out, meta, table_row, lr, False, args.seed))
             report[table][name] = row | dict(lr=lr, greedy=decoded(row, False))
     with open(os.path.join(out, "invocations.jsonl"), "a") as f:  # how long each run of the sweep took
         f.write(
