@@ -33,6 +33,7 @@ import os
 import random
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -266,6 +267,7 @@ class Scale:
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
     adapter_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # Adapter^H and Adapter^L
     prefix_lrs: tuple[float, ...] = (2e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
+    seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
     max_new_tokens: int = 64  # the authors' E2E decoding limit
@@ -274,8 +276,8 @@ class Scale:
 
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
-    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), test_mrs=4, num_beams=2,
-    max_new_tokens=12, java=False,
+    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, test_mrs=4,
+    num_beams=2, max_new_tokens=12, java=False,
 )  # fmt: skip
 
 
@@ -325,11 +327,11 @@ def learning_rates(scale: Scale, row: Row) -> tuple[float, ...]:
     }[row.kind]
 
 
-def folder_name(row: Row, lr: float) -> str:
-    """'lora-r4-q,v-lr0.004', 'adapter-h128-lr0.002' or 'full-lr0.0005': one folder per run, whatever table shows it."""
-    if row.rank:
-        return f"lora-r{row.rank}-{row.targets}-lr{lr:g}"
-    return f"{row.method.replace('=', '') or 'full'}-lr{lr:g}"
+def folder_name(row: Row, lr: float, seed: int = 0) -> str:
+    """'lora-r4-q,v-lr0.004', 'adapter-h128-lr0.002' or 'full-lr0.0005' (and '-seed+1' for the sweep's seed + 1):
+    one folder per run, whatever table shows it."""
+    what = f"lora-r{row.rank}-{row.targets}" if row.rank else row.method.replace("=", "") or "full"
+    return f"{what}-lr{lr:g}" + (f"-seed+{seed}" if seed else "")
 
 
 def as_argv(flags: dict) -> list[str]:
@@ -340,12 +342,14 @@ def as_argv(flags: dict) -> list[str]:
     return argv
 
 
-def finetune_argv(scale: Scale, out: str, meta: dict, row: Row, lr: float, curve: bool, seed: int) -> list[str]:
-    """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale. `meta` is the
-    pairs' meta.json (how many training and held-out pairs)."""
+def finetune_argv(
+    scale: Scale, out: str, meta: dict, row: Row, lr: float, curve: bool, seed: int, again: int = 0
+) -> list[str]:
+    """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale, seeded `seed + again`.
+    `meta` is the pairs' meta.json (how many training and held-out pairs)."""
     steps = math.ceil(scale.epochs * meta["train_examples"] / scale.batch_size)
-    flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"), seed=seed)
-    flags |= dict(run_dir=os.path.join(out, folder_name(row, lr)), batching="padded", epochs=scale.epochs)
+    flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"), seed=seed + again)
+    flags |= dict(run_dir=os.path.join(out, folder_name(row, lr, again)), batching="padded", epochs=scale.epochs)
     flags |= dict(batch_size=scale.batch_size, grad_accum=1, block_size=scale.block_size, schedule="linear")
     flags |= dict(warmup_iters=max(1, steps // 20), weight_decay=0.01, label_smoothing=0.1, lr=lr)
     flags |= dict(eval_iters=scale.eval_iters or math.ceil(meta["val_examples"] / scale.batch_size))
@@ -465,7 +469,7 @@ def sweep(args: argparse.Namespace) -> dict:
         seen = set(f.read().splitlines())
     table6 = {f"r = {r}": Row(r, "q,v") for r in TABLE6_RANKS}
     later = {folder_name(row, 0) for row in [*TABLE5.values(), *table6.values()]} - {folder_name(Row(4, "q,v"), 0)}
-    total = 1 + sum(len(learning_rates(scale, row)) for row in TABLE3.values()) + len(later)
+    total = 1 + sum(len(learning_rates(scale, row)) + scale.seeds - 1 for row in TABLE3.values()) + len(later)
     report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
 
     def run(argv: list[str]) -> dict:
@@ -499,12 +503,16 @@ def sweep(args: argparse.Namespace) -> dict:
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
         best = candidates[lr]
         report["table3"][method] = best | dict(lr=lr, beam=decoded(best, True), greedy=decoded(best, False))
+        again = [run(finetune_argv(scale, out, meta, table_row, lr, True, args.seed, i)) for i in range(1, scale.seeds)]
+        report["table3"][method]["more_seeds"] = [r | dict(beam=decoded(r, True)) for r in again]
+        report["table3_runs"].extend(r["folder"] for r in again)
     held_out = os.path.join(data, "held-out-pairs.txt")
     with open(held_out, encoding="utf-8") as f:
         held_pairs = [line for line in f.read().splitlines() if line.strip()]
     for row in report["table3"].values():  # where a text ends; the held-out MRs, of the training split's kind
         row["end_of_text"] = end_of_text(load_run(row["folder"], None)[0].to(device), held_pairs)
-        row["held_out"] = score_row(row["folder"], held_out, scale, False, device, args.dtype, seen)
+        for seeded in [row, *row["more_seeds"]]:
+            seeded["held_out"] = score_row(seeded["folder"], held_out, scale, False, device, args.dtype, seen)
     report["slots"] = {split: slot_shares(os.path.join(data, f"{split}.txt")) for split in ("train-pairs", "test")}
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
     for table, rows in (("table5", TABLE5), ("table6", table6)):
@@ -582,6 +590,62 @@ def metric_cells(row: dict) -> str:
     )
 
 
+def seeded(row: dict) -> list[dict]:
+    """A Table 3 row's runs, one a seed: the one its learning rate was chosen with, then the others."""
+    return [row, *row.get("more_seeds", [])]
+
+
+# Table 3 over seeds: each column's value in a run, and how it is printed (factor, digits)
+SEED_COLUMNS = {
+    "held-out loss": (lambda r: r["val_loss"], 1, 3),
+    "held-out BLEU": (lambda r: r["held_out"]["BLEU"], 100, 1),
+    "test BLEU": (lambda r: r["beam"]["BLEU"], 100, 1),
+    "NIST": (lambda r: r["beam"]["NIST"], 1, 2),
+    "METEOR": (lambda r: r["beam"].get("METEOR", math.nan), 100, 1),
+    "ROUGE-L": (lambda r: r["beam"].get("ROUGE_L", math.nan), 100, 1),
+    "CIDEr": (lambda r: r["beam"].get("CIDEr", math.nan), 1, 2),
+}
+
+
+def spread(row: dict, column: str) -> tuple[float, float]:
+    """Mean and sample standard deviation of a column over a row's seeds (nan with one seed)."""
+    values = [SEED_COLUMNS[column][0](r) for r in seeded(row)]
+    if any(math.isnan(v) for v in values):  # a metric not run (METEOR, ROUGE-L, CIDEr without Java)
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def spread_cell(row: dict, column: str) -> str:
+    mean, std = spread(row, column)
+    _, factor, digits = SEED_COLUMNS[column]
+    return "–" if math.isnan(mean) else f"{factor * mean:.{digits}f} ± {factor * std:.{digits}f}"
+
+
+def seeds_table(t3: dict[str, dict]) -> list[str]:
+    """Table 3 over seeds, the held-out MRs (greedy) beside the test MRs (beam), and each method's
+    differences from fine-tuning that exceed the spread of the seeds."""
+    full = t3["fine-tuning"]
+    lines = ["| | trainable | seeds | " + " | ".join(SEED_COLUMNS) + " |", "|---|" + "---:|" * (2 + len(SEED_COLUMNS))]
+    lines += [
+        f"| {name} | {row['trainable']:,} ({100 * row['trainable'] / full['trainable']:.2g}%) | {len(seeded(row))} | "
+        + " | ".join(spread_cell(row, column) for column in SEED_COLUMNS)
+        + " |"
+        for name, row in t3.items()
+    ]
+    lines += ["", "Against fine-tuning, a difference of the means beyond the sum of the two standard deviations:", ""]
+    for name, row in t3.items():
+        if row is full:
+            continue
+        cells = []
+        for column in ("held-out loss", "held-out BLEU", "test BLEU"):
+            (mean, std), (mean_full, std_full) = spread(row, column), spread(full, column)
+            factor, digits = SEED_COLUMNS[column][1:]
+            beyond = "beyond the spread" if abs(mean - mean_full) > std + std_full else "within it"
+            cells.append(f"{column} {factor * (mean - mean_full):+.{digits}f} ({beyond})")
+        lines.append(f"- {name}: " + ", ".join(cells))
+    return lines
+
+
 def ratio(a: float, b: float) -> str:
     return f" ({100 * a / b:.0f}% of it)" if b > 0 else ""
 
@@ -623,7 +687,9 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
         return f"{where} of the candidates ({', '.join(f'{lr:g}' for lr in lrs)})"
 
     table3_s = sum(report["runs"][f]["train_s"] for f in report["table3_runs"])
-    table3_s += sum(s for (folder, _), s in decodes.items() if folder in {r["folder"] for r in t3.values()})
+    table3_s += sum(
+        s for (folder, _), s in decodes.items() if folder in {r["folder"] for row in t3.values() for r in seeded(row)}
+    )
     greedy = {name: 100 * row["greedy"]["BLEU"] for name, row in t6.items()}
     test = os.path.join(report["out"], "data", "test.txt")
     unasked, unasked_lora = (unasked_rating(row["folder"], "beam", test) for row in (full, lora))
@@ -685,11 +751,12 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
     first, repeat = report["copy_test"]
     runs = list(report["runs"].values())  # the base first
     decodes = {
-        (row["folder"], kind): row[kind]["decode_s"]
+        (run["folder"], kind): run[kind]["decode_s"]
         for t in ("table3", "table5", "table6")
         for row in report[t].values()
-        for kind in ("beam", "greedy")
-        if kind in row
+        for run in seeded(row)
+        for kind in ("beam", "greedy", "held_out")
+        if kind in run
     }
     train_s, decode_s = sum(r["train_s"] for r in runs), sum(decodes.values())
     device = resolve_device(args.device)
@@ -724,11 +791,17 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         "|---:|---:|---:|---:|",
         f"| {base['val_loss']:.3f} | {report['end_of_text']:.2f} | {first:.2f} | {repeat:.2f} |",
         "",
-        "## Table 3: fine-tuning against LoRA",
+        "## Table 3: LoRA against fine-tuning and the methods it replaces",
         "",
-        f"Beam search (beam {scale.num_beams}, length penalty 0.9, no repeated 4-gram) on the first "
-        f"{full['beam']['mrs']} test MRs; each method at the learning rate of lowest held-out loss "
-        "(the candidates: [below](#learning-rates)).",
+        f"Each method at the learning rate of lowest held-out loss (the candidates: [below](#learning-rates)), "
+        f"trained with {scale.seeds} seeds (mean ± sample standard deviation): the held-out MRs, of the training "
+        f"split's kind, decoded greedily, beside the first {full['beam']['mrs']} test MRs, decoded with beam search "
+        f"(beam {scale.num_beams}, length penalty 0.9, no repeated 4-gram). Trainable parameters: their share of "
+        "fine-tuning's in brackets.",
+        "",
+        *seeds_table(t3),
+        "",
+        f"The runs of seed {full['seed']} alone, with their times and names:",
         "",
         *table(t3, "beam"),
         "",

@@ -119,8 +119,9 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     argv += ["--dtype", "bfloat16"]  # where attention is written out to train: choices that change numbers
     report = miniature.main(argv)
     printed = capsys.readouterr().out
-    n_runs = 1 + 5 + 1 + 2 + 2 + 6 + 4  # base, Table 3's FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer and LoRA
-    # methods at 1 lr each, LoRA's two at 2 lrs each, Table 5, Table 6
+    # base; Table 3: FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer at 1 lr each, the two LoRA at 2 lrs each, and
+    # each of the 8 at a second seed; Table 5, Table 6
+    n_runs = 1 + 6 + 2 + 2 + 8 + 6 + 4
     assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
     doc = (tmp_path / "docs" / "miniature.md").read_text()
     for heading in ("## The base", "## Table 3", "## Table 5", "## Table 6", "## Fig. 3 and Table 7", "## Commands"):
@@ -133,7 +134,13 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     tuned = report["tuning"]["LoRA r=4 q,v"]
     assert t3["LoRA r=4 q,v"]["val_loss"] == min(tuned.values())  # the lower held-out loss won
     assert t3["fine-tuning"]["beam"]["mrs"] == 4 and 0 <= t3["fine-tuning"]["beam"]["name_realised"] <= 1
-    assert all(row["beam"]["mrs"] == row["held_out"]["mrs"] == 4 for row in t3.values())  # every method decoded
+    for row in t3.values():  # every method decoded at each of its seeds, on both splits
+        assert [r["seed"] for r in [row, *row["more_seeds"]]] == [5, 6]
+        assert all(r["beam"]["mrs"] == r["held_out"]["mrs"] == 4 for r in [row, *row["more_seeds"]])
+    lora_row = f"| LoRA r=4 q,v | {t3['LoRA r=4 q,v']['trainable']:,} ("
+    spread = next(line for line in doc.splitlines() if line.startswith(lora_row))
+    assert spread.count(" ± ") == 4  # held-out loss and BLEU, test BLEU and NIST (no Java for the rest in --quick)
+    assert "- LoRA r=4 q,v: held-out loss " in doc and ("beyond the spread" in doc or "within it" in doc)
     per_block = {"FT^Top2": 12 * 32 * 32 + 13 * 32, "Adapter^L (small)": 2 * 32 + 2 * 32 * 6 + 6 + 32}
     per_block |= {"Adapter^H": 2 * (2 * 32 * 128 + 128 + 32), "PreLayer": 2 * 8 * 32}  # keys and values, 8 positions
     assert all(t3[name]["trainable"] == 2 * count for name, count in per_block.items())  # 2 blocks
