@@ -27,6 +27,7 @@ Output: --out/miniature.md (and its plots), copied to --doc (docs/miniature.md f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -42,13 +43,22 @@ import torch
 
 import prepare_data
 import train
-from bench import describe_device
+from bench import describe_device, timed
 from lab import command_line
 from lab.analysis import amplification_tables, format_table, plot_similarity, similarity
 from lab.e2e import decode, load_run
 from lab.e2e_metrics import METRICS, group_pairs, score
 from model import GPT
-from utils import add_hardware_flags, atomic_path, autocast, describe_dtype, read_text, resolve_device, resolve_dtype
+from utils import (
+    add_hardware_flags,
+    atomic_path,
+    autocast,
+    describe_dtype,
+    for_inference,
+    read_text,
+    resolve_device,
+    resolve_dtype,
+)
 
 WEBNLG_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/webnlg_challenge_2017/dev.json"
 PLACEHOLDERS = {"name": "X-name", "near": "X-near"}  # TGen's spelling
@@ -268,6 +278,8 @@ class Scale:
     adapter_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # Adapter^H and Adapter^L
     prefix_lrs: tuple[float, ...] = (2e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
     seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
+    fig2_sizes: tuple[tuple[int, ...], ...] = ((8, 32, 128), (6, 32, 256), (2, 8, 32))  # FIG2's, in its order
+    overhead_trials: int = 20  # Table 3's latency column: forward passes of 1 × 128 timed per method
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
     max_new_tokens: int = 64  # the authors' E2E decoding limit
@@ -276,7 +288,8 @@ class Scale:
 
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
-    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, test_mrs=4,
+    full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, overhead_trials=2,
+    fig2_sizes=((128,), (6,), (2,)), test_mrs=4,
     num_beams=2, max_new_tokens=12, java=False,
 )  # fmt: skip
 
@@ -313,6 +326,9 @@ TABLE3 = {
 TABLE5 = {"Wq": Row(8, "q"), "Wk": Row(8, "k"), "Wv": Row(8, "v"), "Wo": Row(8, "o"), "Wq, Wk": Row(4, "q,k")}
 TABLE5 |= {"Wq, Wv": Row(4, "q,v"), "Wq, Wk, Wv, Wo": Row(2, "q,k,v,o")}
 TABLE6_RANKS = (1, 2, 4, 8, 64)
+# Fig. 2: quality against trainable parameters; LoRA's points are Table 6's ranks, these the other methods' sizes,
+# each at its Table 3 learning rate (the Table 3 size is among them, trained once)
+FIG2 = {"Adapter^H": "adapter-h", "Adapter^L": "adapter-l", "PreLayer": "prefix"}
 
 
 def learning_rates(scale: Scale, row: Row) -> tuple[float, ...]:
@@ -405,6 +421,24 @@ def train_row(argv: list[str]) -> dict:
     return record
 
 
+@torch.no_grad()
+def inference_overhead(models: dict[str, GPT], base: GPT, trials: int, seed: int = 0) -> dict[str, float]:
+    """Each model's latency over the base's, one forward pass of 1 × 128 tokens, as bench.py measures Table 1: the
+    median of `trials` passes taken round-robin over the models (a slow spell of the machine hits them alike).
+    LoRA runs merged (§4.1), so it is the base's own computation; an adapter adds layers; a prefix, keys."""
+    models = {"base": base.eval()} | {name: model.eval() for name, model in models.items()}
+    x = torch.randint(base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(seed))
+    x = x.to(base.lm_head.weight.device)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for trial in range(trials + 1):  # the first round warms up
+        for name, model in models.items():
+            took = timed(lambda: model(x), str(x.device))
+            if trial:
+                seconds[name].append(took)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {name: median[name] / median["base"] - 1 for name in models if name != "base"}
+
+
 def score_row(folder: str, test: str, scale: Scale, beam: bool, device: str, dtype: str, seen: set[str]) -> dict:
     """Decode the MRs of `test` (E2E's test split, or the held-out pairs) with a row's model (delexicalised
     prompts, names put back) and score them: the five metrics and the share of MRs whose name the text
@@ -468,7 +502,14 @@ def sweep(args: argparse.Namespace) -> dict:
     with open(os.path.join(data, "train-names.txt"), encoding="utf-8") as f:
         seen = set(f.read().splitlines())
     table6 = {f"r = {r}": Row(r, "q,v") for r in TABLE6_RANKS}
+    fig2 = {
+        name: [Row(method=f"{kind}={size}") for size in sizes]
+        for (name, kind), sizes in zip(FIG2.items(), scale.fig2_sizes)
+    }
     later = {folder_name(row, 0) for row in [*TABLE5.values(), *table6.values()]} - {folder_name(Row(4, "q,v"), 0)}
+    later |= {folder_name(row, 0) for rows in fig2.values() for row in rows} - {
+        folder_name(r, 0) for r in TABLE3.values()
+    }
     total = 1 + sum(len(learning_rates(scale, row)) + scale.seeds - 1 for row in TABLE3.values()) + len(later)
     report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
 
@@ -489,6 +530,11 @@ def sweep(args: argparse.Namespace) -> dict:
 
     def decoded(row: dict, beam: bool) -> dict:
         return score_row(row["folder"], os.path.join(data, "test.txt"), scale, beam, device, args.dtype, seen)
+
+    def run_decoded(row: Row, lr: float) -> dict:
+        """A row of Tables 5 and 6 or Fig. 2: one seed, no curve, decoded greedily."""
+        record = run(finetune_argv(scale, out, meta, row, lr, False, args.seed))
+        return record | dict(lr=lr, greedy=decoded(record, False))
 
     report["base"] = run(base_argv(scale, out, args.seed))
     base = GPT.from_pretrained(os.path.join(out, "base"))
@@ -513,6 +559,12 @@ def sweep(args: argparse.Namespace) -> dict:
         row["end_of_text"] = end_of_text(load_run(row["folder"], None)[0].to(device), held_pairs)
         for seeded in [row, *row["more_seeds"]]:
             seeded["held_out"] = score_row(seeded["folder"], held_out, scale, False, device, args.dtype, seen)
+    served = {name: load_run(row["folder"], None)[0] for name, row in report["table3"].items()}  # LoRA merged
+    dtype = resolve_dtype(device, args.dtype)
+    served = {name: for_inference(model, device, dtype) for name, model in served.items()}
+    overhead = inference_overhead(served, for_inference(copy.deepcopy(base), device, dtype), scale.overhead_trials)
+    for name, row in report["table3"].items():
+        row["overhead"] = overhead[name]
     report["slots"] = {split: slot_shares(os.path.join(data, f"{split}.txt")) for split in ("train-pairs", "test")}
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
     for table, rows in (("table5", TABLE5), ("table6", table6)):
@@ -521,8 +573,14 @@ def sweep(args: argparse.Namespace) -> dict:
             if table_row == TABLE3["LoRA r=4 q,v"]:  # Table 3's row, trained once
                 report[table][name] = report["table3"]["LoRA r=4 q,v"]
                 continue
-            row = run(finetune_argv(scale, out, meta, table_row, lr, False, args.seed))
-            report[table][name] = row | dict(lr=lr, greedy=decoded(row, False))
+            report[table][name] = run_decoded(table_row, lr)
+    report["fig2"] = {}  # each method's sizes at its Table 3 learning rate (Adapter^L: the small one's), greedily
+    in_table3 = {row: name for name, row in TABLE3.items()}  # a size Table 3 trains is its run
+    for name, rows in fig2.items():
+        lr = report["table3"][next(n for n, r in TABLE3.items() if r.kind == FIG2[name])]["lr"]
+        report["fig2"][name] = [
+            report["table3"][in_table3[row]] if row in in_table3 else run_decoded(row, lr) for row in rows
+        ]
     with open(os.path.join(out, "invocations.jsonl"), "a") as f:  # how long each run of the sweep took
         f.write(
             json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=time.time() - started, trained=len(trained)))
@@ -579,6 +637,22 @@ def plot(report: dict, figures: str) -> None:
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.legend()
     fig.savefig(os.path.join(figures, "miniature-rank.png"), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")  # Fig. 2 in miniature
+    series = {"LoRA on Wq, Wv (r = 1 to 64)": list(report["table6"].values())} | report["fig2"]
+    full = report["table3"]["fine-tuning"]
+    for ax, (label, value) in zip(axes, (("held-out loss (nats)", "val_loss"), ("test BLEU (greedy)", "BLEU"))):
+
+        def y(row: dict) -> float:
+            return row["val_loss"] if value == "val_loss" else 100 * row["greedy"]["BLEU"]
+
+        for name, rows in series.items():
+            rows = sorted(rows, key=lambda row: row["trainable"])
+            ax.plot([row["trainable"] for row in rows], [y(row) for row in rows], marker="o", label=name)
+        ax.plot([full["trainable"]], [y(full)], marker="*", markersize=12, ls="", color="black", label="fine-tuning")
+        ax.set(xscale="log", xlabel="trainable parameters", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fig. 2 in miniature: quality against trainable parameters")
+    fig.savefig(os.path.join(figures, "miniature-fig2.png"), dpi=120)
     plt.close("all")
 
 
@@ -625,9 +699,11 @@ def seeds_table(t3: dict[str, dict]) -> list[str]:
     """Table 3 over seeds, the held-out MRs (greedy) beside the test MRs (beam), and each method's
     differences from fine-tuning that exceed the spread of the seeds."""
     full = t3["fine-tuning"]
-    lines = ["| | trainable | seeds | " + " | ".join(SEED_COLUMNS) + " |", "|---|" + "---:|" * (2 + len(SEED_COLUMNS))]
+    head = "| | trainable | latency 1×128 | seeds | " + " | ".join(SEED_COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * (3 + len(SEED_COLUMNS))]
     lines += [
-        f"| {name} | {row['trainable']:,} ({100 * row['trainable'] / full['trainable']:.2g}%) | {len(seeded(row))} | "
+        f"| {name} | {row['trainable']:,} ({100 * row['trainable'] / full['trainable']:.3g}%) | "
+        f"{100 * row['overhead']:+.1f}% | {len(seeded(row))} | "
         + " | ".join(spread_cell(row, column) for column in SEED_COLUMNS)
         + " |"
         for name, row in t3.items()
@@ -640,7 +716,10 @@ def seeds_table(t3: dict[str, dict]) -> list[str]:
         for column in ("held-out loss", "held-out BLEU", "test BLEU"):
             (mean, std), (mean_full, std_full) = spread(row, column), spread(full, column)
             factor, digits = SEED_COLUMNS[column][1:]
-            beyond = "beyond the spread" if abs(mean - mean_full) > std + std_full else "within it"
+            if math.isnan(std + std_full):
+                beyond = "no spread: one seed"
+            else:  # rounding's last bits are no difference
+                beyond = "beyond the spread" if abs(mean - mean_full) > max(std + std_full, 1e-9) else "within it"
             cells.append(f"{column} {factor * (mean - mean_full):+.{digits}f} ({beyond})")
         lines.append(f"- {name}: " + ", ".join(cells))
     return lines
@@ -757,7 +836,7 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         for run in seeded(row)
         for kind in ("beam", "greedy", "held_out")
         if kind in run
-    }
+    } | {(row["folder"], "greedy"): row["greedy"]["decode_s"] for rows in report["fig2"].values() for row in rows}
     train_s, decode_s = sum(r["train_s"] for r in runs), sum(decodes.values())
     device = resolve_device(args.device)
     trained_on = ([i["date"][:10] for i in report["invocations"] if i["trained"]] or [time.strftime("%Y-%m-%d")])[-1]
@@ -797,7 +876,8 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         f"trained with {scale.seeds} seeds (mean ± sample standard deviation): the held-out MRs, of the training "
         f"split's kind, decoded greedily, beside the first {full['beam']['mrs']} test MRs, decoded with beam search "
         f"(beam {scale.num_beams}, length penalty 0.9, no repeated 4-gram). Trainable parameters: their share of "
-        "fine-tuning's in brackets.",
+        "fine-tuning's in brackets; latency: one forward pass of 1 × 128 tokens against the base's, as bench.py "
+        f"measures Table 1 (median of {scale.overhead_trials}; LoRA merged).",
         "",
         *seeds_table(t3),
         "",
@@ -826,6 +906,23 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         *table(report["table6"], "greedy"),
         "",
         "![BLEU against the rank](miniature-rank.png) ![held-out loss during fine-tuning](miniature-loss.png)",
+        "",
+        "## Fig. 2: quality against trainable parameters",
+        "",
+        "Held-out loss and test BLEU (greedy) of LoRA on Wq, Wv at the ranks of Table 6, of Adapter^H, Adapter^L and "
+        "PreLayer at several sizes (each at its Table 3 learning rate; Adapter^L at the small one's), and of "
+        "fine-tuning; one seed each. The paper's Fig. 2 is on GPT-3, where prefix tuning's quality does not grow "
+        "steadily with its length.",
+        "",
+        "| method | size | trainable | held-out loss | test BLEU (greedy) |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {size} | {row['trainable']:,} | {row['val_loss']:.3f} | {100 * row['greedy']['BLEU']:.1f} |"
+            for name, rows in report["fig2"].items()
+            for size, row in zip(dict(zip(FIG2, scale.fig2_sizes))[name], rows)
+        ),
+        "",
+        "![Fig. 2 in miniature](miniature-fig2.png)",
         "",
         "## Fig. 3 and Table 7: the subspaces of the r=8 and r=64 adapters (§7)",
         "",
@@ -943,7 +1040,7 @@ def main(argv: list[str] | None = None) -> dict:
             with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(markdown)
             if os.path.dirname(path) != args.out.rstrip("/"):
-                for png in ("miniature-phi.png", "miniature-rank.png", "miniature-loss.png"):
+                for png in ("miniature-phi.png", "miniature-rank.png", "miniature-loss.png", "miniature-fig2.png"):
                     shutil.copyfile(os.path.join(args.out, png), os.path.join(os.path.dirname(path) or ".", png))
             print(f"wrote {path}")
     except (ValueError, OSError) as e:

@@ -104,12 +104,12 @@ def test_end_of_text_reads_a_sentence_as_a_document_and_a_pair_as_prepare_data_s
 
 
 def tables(doc: str) -> list[str]:
-    """A report's tables (Table 7's too), every cell that times something (`12 s`) blanked."""
+    """A report's tables (Table 7's too), every cell that times something (`12 s`, `+3.1%`) blanked."""
     lines, in_table7 = [], False
     for line in doc.splitlines():
         in_table7 = line == "```" if line.startswith("```") else in_table7  # the commands are in a ```bash block
         if line.startswith("|") or (in_table7 and line != "```"):
-            lines.append(re.sub(r"\| [\d.]+ s \|", "| s |", line))
+            lines.append(re.sub(r"(?<=\| )[+-]?[\d.]+ ?(s|%)(?= \|)", r"\1", line))  # times and latencies blanked
     return lines
 
 
@@ -120,14 +120,17 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     report = miniature.main(argv)
     printed = capsys.readouterr().out
     # base; Table 3: FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer at 1 lr each, the two LoRA at 2 lrs each, and
-    # each of the 8 at a second seed; Table 5, Table 6
-    n_runs = 1 + 6 + 2 + 2 + 8 + 6 + 4
+    # each of the 8 at a second seed; Table 5, Table 6; Fig. 2's one size not in Table 3 (PreLayer of 2)
+    n_runs = 1 + 6 + 2 + 2 + 8 + 6 + 4 + 1
     assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
     doc = (tmp_path / "docs" / "miniature.md").read_text()
     for heading in ("## The base", "## Table 3", "## Table 5", "## Table 6", "## Fig. 3 and Table 7", "## Commands"):
         assert heading in doc
     assert doc.count("python train.py ") == n_runs
-    assert all((tmp_path / "docs" / f"miniature-{name}.png").stat().st_size > 1000 for name in ("phi", "rank", "loss"))
+    assert all(
+        (tmp_path / "docs" / f"miniature-{n}.png").stat().st_size > 1000 for n in ("phi", "rank", "loss", "fig2")
+    )
+    assert [row["trainable"] for row in report["fig2"]["PreLayer"]] == [2 * 2 * 2 * 32]  # 2 blocks, 2 positions
     t3 = report["table3"]
     assert t3["LoRA r=4 q,v"]["trainable"] == 2 * 2 * 4 * (32 + 32)  # 2 blocks × (q, v) × r × (d_in + d_rows)
     assert t3["LoRA r=4 q,v"]["lr"] in (4e-3, 8e-3) and t3["fine-tuning"]["lr"] == 1e-3
