@@ -114,3 +114,16 @@ def english_text(n_characters: int, seed: int = 0) -> str:
         sentences.append(sentence + ("\n" if rng.random() < 0.3 else " "))
         length += len(sentences[-1])
     return "".join(sentences)[:n_characters]
+
+
+def loud_base(folder: str, config: GPTConfig, std: float) -> str:
+    """A random base saved in `folder`, its matrices and embeddings drawn with `std` (GPT-2's init is 0.02): large
+    enough that greedy text follows whatever an adapter or a method changes. Returns the folder."""
+    torch.manual_seed(0)
+    base = GPT(config)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "ln_" not in name and not name.endswith("bias"):
+                p.normal_(0, std)
+    base.save_pretrained(folder)
+    return folder

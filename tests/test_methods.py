@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import prepare_data
 import sample
 import train
-from conftest import TINY, english_text
+from conftest import TINY, english_text, loud_base
 from lab.analysis import similarity
 from lab.beam_search import beam_search
 from lab.e2e import load_run
@@ -48,15 +48,7 @@ def moved(model: GPT, seed: int = 0) -> GPT:
 @pytest.fixture
 def base_folder(tmp_path) -> str:
     """A tiny base whose weights are large enough that greedy text follows what a method changes."""
-    torch.manual_seed(0)
-    base = GPT(TINY)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "ln_" not in name and not name.endswith("bias"):
-                p.normal_(0, 0.5)
-    folder = str(tmp_path / "base")
-    base.save_pretrained(folder)
-    return folder
+    return loud_base(str(tmp_path / "base"), TINY, 0.5)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import prepare_data
 import sample
 import train
-from conftest import ROOT, english_text
+from conftest import ROOT, english_text, loud_base
 from lab.analysis import amplification_tables, similarity
 from lab.dora import DoRALinear
 from lab.multi_adapter import adapter_per_row, add_adapter
@@ -48,15 +48,7 @@ def randomize(model: GPT, seed: int = 0) -> None:
 @pytest.fixture
 def base_folder(tmp_path) -> str:
     """A tiny base with GPT-2's vocabulary and weights large enough that greedy text follows the adapter."""
-    torch.manual_seed(0)
-    base = GPT(BPE_TINY)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "ln_" not in name and not name.endswith("bias"):
-                p.normal_(0, 1.0)
-    folder = str(tmp_path / "base")
-    base.save_pretrained(folder)
-    return folder
+    return loud_base(str(tmp_path / "base"), BPE_TINY, 1.0)
 
 
 def adapted(base_folder: str, kind: str) -> GPT:
