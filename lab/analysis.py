@@ -98,17 +98,19 @@ def select(names: list[tuple[int, str]], n_layer: int, layers: str, targets: str
 # ---- §7.2: subspace similarity -------------------------------------------------------------------
 
 
-def subspace_basis(A: torch.Tensor, B: torch.Tensor, scaling: float, of: str = "A") -> torch.Tensor:
+def subspace_basis(A: torch.Tensor, B: torch.Tensor, of: str = "A") -> torch.Tensor:
     """Orthonormal columns, most important first, of the subspace one adapter learned for one matrix:
     A's right-singular vectors (d_in × r), B's left-singular vectors (d_out × r), or ΔW's top-r
-    right-singular vectors (d_in × r). In float64: the small singular values order the columns."""
+    right-singular vectors (d_in × r): those of B·A, as ΔW is B·A times the layer's scaling, which moves no
+    direction (the layer declares the form: `update_is_low_rank`). In float64: the small singular values order
+    the columns."""
     A, B = A.double(), B.double()
     if of == "A":
         return torch.linalg.svd(A, full_matrices=False).Vh.T
     if of == "B":
         return torch.linalg.svd(B, full_matrices=False).U
     if of == "delta":
-        return torch.linalg.svd(scaling * B @ A, full_matrices=False).Vh[: A.shape[0]].T
+        return torch.linalg.svd(B @ A, full_matrices=False).Vh[: A.shape[0]].T
     raise ValueError(f"unknown subspace '{of}': choose A, B or delta")
 
 
@@ -148,14 +150,13 @@ def similarity(
     if not common:
         names1, names2 = (", ".join(dict.fromkeys(name for _, name in m)) for m in (matrices1, matrices2))
         raise ValueError(f"{path1} adapts {names1} and {path2} adapts {names2}: no matrix in common to compare")
-    scalings = [m["lora_config"].scaling for m in (meta1, meta2)]
     records, meta1["not_compared"], meta2["not_compared"] = [], [], []
     for layer, name in select(in_order([*matrices1, *matrices2]), meta1["base_config"]["n_layer"], layers, targets):
         if (layer, name) not in matrices1 or (layer, name) not in matrices2:
             (meta1 if (layer, name) not in matrices1 else meta2)["not_compared"].append((layer, name))
             continue
-        U1 = subspace_basis(*matrices1[(layer, name)], scalings[0], of)
-        U2 = subspace_basis(*matrices2[(layer, name)], scalings[1], of)
+        U1 = subspace_basis(*matrices1[(layer, name)], of)
+        U2 = subspace_basis(*matrices2[(layer, name)], of)
         records.append(dict(layer=layer, matrix=name, dim=U1.shape[0], phi=subspace_similarity(U1, U2)))
     if not records:
         raise ValueError(

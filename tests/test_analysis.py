@@ -35,7 +35,7 @@ def A_with(directions: torch.Tensor, singular_values: list[float]) -> torch.Tens
 
 def basis(A: torch.Tensor) -> torch.Tensor:
     """A's right-singular vectors, as the paper's φ uses them (B plays no part)."""
-    return subspace_basis(A, torch.zeros(1, A.shape[0]), 1.0)
+    return subspace_basis(A, torch.zeros(1, A.shape[0]))
 
 
 # ---- φ on subspaces with known answers (paper §7.2, eq. 4) ----------------------------------------
@@ -100,9 +100,9 @@ def test_B_and_delta_subspaces():
     rows, cols = orthonormal(d_in, r, seed=2), orthonormal(d_out, r, seed=3)
     A = rows.T.clone()  # orthonormal rows: A alone ranks no direction above another
     B = cols @ torch.diag(torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))  # ΔW's strongest: A's 2nd row
-    U_B = subspace_basis(A, B, 2.0, of="B")
+    U_B = subspace_basis(A, B, of="B")
     assert torch.allclose(U_B @ U_B.T @ cols, cols, atol=1e-10)  # spans B's columns
-    U_delta = subspace_basis(A, B, 2.0, of="delta")
+    U_delta = subspace_basis(A, B, of="delta")
     assert U_delta.shape == (d_in, r)
     assert abs(U_delta[:, 0] @ rows[:, 1]) == pytest.approx(1.0, abs=1e-10)
 
