@@ -250,8 +250,8 @@ def end_of_text(model, texts: list[str]) -> float:
             tokens = encoding.encode_ordinary(context) + separator + encoding.encode_ordinary(" " + target)
         else:
             tokens = [eot] + encoding.encode_ordinary(context)
-        logits, _ = model(torch.tensor([tokens], device=device))
-        losses.append(-float(torch.log_softmax(logits[0, -1].float(), dim=-1)[eot]))
+        last = model.hidden_states(torch.tensor([tokens], device=device))[0, -1]  # logits of the last position alone
+        losses.append(-float(torch.log_softmax(model.lm_head(last).float(), dim=-1)[eot]))
     return sum(losses) / len(losses)
 
 
@@ -279,6 +279,8 @@ class Scale:
     prefix_lrs: tuple[float, ...] = (2e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
     seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
     fig2_sizes: tuple[tuple[int, ...], ...] = ((8, 32, 128), (6, 32, 256), (2, 8, 32))  # FIG2's, in its order
+    table5_rows: tuple[str, ...] | None = None  # TABLE5's rows to train; None: all
+    table6_ranks: tuple[int, ...] = (1, 2, 4, 8, 64)  # 8 and 64 for Fig. 3
     overhead_trials: int = 20  # Table 3's latency column: forward passes of 1 × 128 timed per method
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
@@ -289,7 +291,7 @@ class Scale:
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
     full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, overhead_trials=2,
-    fig2_sizes=((128,), (6,), (2,)), test_mrs=4,
+    fig2_sizes=((128,), (6,), (2,)), table5_rows=("Wq", "Wq, Wv"), table6_ranks=(4, 8, 64), test_mrs=4,
     num_beams=2, max_new_tokens=12, java=False,
 )  # fmt: skip
 
@@ -325,7 +327,6 @@ TABLE3 = {
 # Table 5: one budget of trainable parameters (r·(number of matrices) = 8), spread over other weights
 TABLE5 = {"Wq": Row(8, "q"), "Wk": Row(8, "k"), "Wv": Row(8, "v"), "Wo": Row(8, "o"), "Wq, Wk": Row(4, "q,k")}
 TABLE5 |= {"Wq, Wv": Row(4, "q,v"), "Wq, Wk, Wv, Wo": Row(2, "q,k,v,o")}
-TABLE6_RANKS = (1, 2, 4, 8, 64)
 # Fig. 2: quality against trainable parameters; LoRA's points are Table 6's ranks, these the other methods' sizes,
 # each at its Table 3 learning rate (the Table 3 size is among them, trained once)
 FIG2 = {"Adapter^H": "adapter-h", "Adapter^L": "adapter-l", "PreLayer": "prefix"}
@@ -501,12 +502,13 @@ def sweep(args: argparse.Namespace) -> dict:
         meta = json.load(f)
     with open(os.path.join(data, "train-names.txt"), encoding="utf-8") as f:
         seen = set(f.read().splitlines())
-    table6 = {f"r = {r}": Row(r, "q,v") for r in TABLE6_RANKS}
+    table5 = {name: row for name, row in TABLE5.items() if name in (scale.table5_rows or TABLE5)}
+    table6 = {f"r = {r}": Row(r, "q,v") for r in scale.table6_ranks}
     fig2 = {
         name: [Row(method=f"{kind}={size}") for size in sizes]
         for (name, kind), sizes in zip(FIG2.items(), scale.fig2_sizes)
     }
-    later = {folder_name(row, 0) for row in [*TABLE5.values(), *table6.values()]} - {folder_name(Row(4, "q,v"), 0)}
+    later = {folder_name(row, 0) for row in [*table5.values(), *table6.values()]} - {folder_name(Row(4, "q,v"), 0)}
     later |= {folder_name(row, 0) for rows in fig2.values() for row in rows} - {
         folder_name(r, 0) for r in TABLE3.values()
     }
@@ -567,7 +569,7 @@ def sweep(args: argparse.Namespace) -> dict:
         row["overhead"] = overhead[name]
     report["slots"] = {split: slot_shares(os.path.join(data, f"{split}.txt")) for split in ("train-pairs", "test")}
     lr = report["table3"]["LoRA r=4 q,v"]["lr"]  # Tables 5 and 6 at LoRA's learning rate, decoded greedily
-    for table, rows in (("table5", TABLE5), ("table6", table6)):
+    for table, rows in (("table5", table5), ("table6", table6)):
         report[table] = {}
         for name, table_row in rows.items():
             if table_row == TABLE3["LoRA r=4 q,v"]:  # Table 3's row, trained once

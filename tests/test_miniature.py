@@ -90,11 +90,14 @@ def test_end_of_text_reads_a_sentence_as_a_document_and_a_pair_as_prepare_data_s
     class Ender(torch.nn.Module):  # logit 10 on <|endoftext|>, 0 elsewhere: -log p = log(1 + 50256 / e^10)
         config, transformer = GPTConfig(), GPT(GPTConfig(n_layer=1, n_head=1, n_embd=4)).transformer
 
-        def forward(self, x):
+        def hidden_states(self, x):
             seen.append(x[0].tolist())
-            logits = torch.zeros(*x.shape, 50257)
+            return torch.zeros(*x.shape, 4)
+
+        def lm_head(self, h):
+            logits = torch.zeros(*h.shape[:-1], 50257)
             logits[..., 50256] = 10.0
-            return logits, None
+            return logits
 
     loss = miniature.end_of_text(Ender(), ["X-name is a pub .", "name : X-name || X-name is a pub ."])
     assert loss == pytest.approx(math.log(1 + 50256 * math.exp(-10)), abs=1e-4)  # fp32 over 50,257 logits
@@ -120,8 +123,9 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     report = miniature.main(argv)
     printed = capsys.readouterr().out
     # base; Table 3: FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer at 1 lr each, the two LoRA at 2 lrs each, and
-    # each of the 8 at a second seed; Table 5, Table 6; Fig. 2's one size not in Table 3 (PreLayer of 2)
-    n_runs = 1 + 6 + 2 + 2 + 8 + 6 + 4 + 1
+    # each of the 8 at a second seed; Table 5's Wq (Wq, Wv is Table 3's); Table 6's r = 8 and 64 (4 is Table 3's);
+    # Fig. 2's one size not in Table 3 (PreLayer of 2)
+    n_runs = 1 + 6 + 2 + 2 + 8 + 1 + 2 + 1
     assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
     doc = (tmp_path / "docs" / "miniature.md").read_text()
     for heading in ("## The base", "## Table 3", "## Table 5", "## Table 6", "## Fig. 3 and Table 7", "## Commands"):
