@@ -1,5 +1,5 @@
 """The paper's GPT-2 results in miniature, on a CPU: a small base that knows the language, then Tables 3, 5, 6
-and Fig. 3 on E2E NLG, from one command.
+and Figs. 2 and 3 on E2E NLG, from one command.
 
     python -m lab.miniature                  # the whole sweep; writes docs/miniature.md and its plots
     python -m lab.miniature --quick          # the same plumbing on tiny shapes, in a minute or two
@@ -15,10 +15,12 @@ and Fig. 3 on E2E NLG, from one command.
    sentences but never the task (no MR ever precedes a sentence) and nothing of the test split: tiny
    Shakespeare's paragraphs, the delexicalised target sentences of the training MRs, WebNLG's texts,
    shuffled together. Its held-out loss is taken on the held-out MRs' sentences, which it never saw.
-3. **The rows.** Each is one `train.py` run on the E2E pairs (LoRA, or --rank 0), its run folder under
-   --out; a complete folder is skipped, an interrupted one resumed, so a killed sweep goes on where it
-   stopped. Each row is decoded on the test MRs (Table 3 with the paper's beam search, Tables 5 and 6
-   greedily) and scored with the challenge's metrics (lab.e2e_metrics).
+3. **The rows.** Each is one `train.py` run on the E2E pairs (LoRA, a method of lab/methods.py, or
+   --rank 0), its run folder under --out; a complete folder is skipped, an interrupted one resumed, so a
+   killed sweep goes on where it stopped. Table 3 compares LoRA with fine-tuning and the methods it replaces
+   (§5.1), each at its best learning rate on the held-out MRs, over several seeds, on the held-out MRs and
+   the test MRs (the paper's beam search); Tables 5 and 6 and Fig. 2 (quality against trainable parameters)
+   are decoded greedily. Every decoding is scored with the challenge's metrics (lab.e2e_metrics).
 4. **The analysis** (§7): φ between the r=8 and r=64 adapters (Fig. 3), ΔW against W (Table 7).
 
 Output: --out/miniature.md (and its plots), copied to --doc (docs/miniature.md for the full sweep).
@@ -616,7 +618,7 @@ def analyse(report: dict, figures: str) -> None:
 
 
 def plot(report: dict, figures: str) -> None:
-    """The held-out loss of the Table 3 runs against the step, and BLEU against the rank (Table 6)."""
+    """The held-out loss of the Table 3 runs against the step, BLEU against the rank (Table 6), and Fig. 2."""
     import matplotlib
 
     matplotlib.use("Agg")
