@@ -272,17 +272,23 @@ def load_adapter(model: GPT, path: str) -> LoRAConfig:
     return metadata["lora_config"]
 
 
-def check_adapter_fits(raw: GPT, path: str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Check that an adapter file fits this base and its LoRA (injecting LoRA if it has none)."""
+def check_same_base(raw: GPT, path: str, metadata: dict, fingerprint: dict[str, list[float]]) -> None:
+    """That the base a file's header names (base, base_config, base_fingerprint) is this model's, whose frozen
+    weights give `fingerprint`: its shape first, then its weights."""
     want, have = metadata["base_config"], config_dict(raw.config)
-    diff = [f"{k} {want.get(k)} (adapter) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
+    diff = [f"{k} {want.get(k)} (file) vs {have[k]} (model)" for k in have if want.get(k) != have[k]]
     if diff:
         raise ValueError(f"{path} was trained on another base ({metadata['base']}): {', '.join(diff)}")
-    if not same_weights(metadata["base_fingerprint"], base_fingerprint(raw)):
+    if not same_weights(metadata["base_fingerprint"], fingerprint):
         raise ValueError(
             f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's "
             f"('{raw.name_or_path}'): load the base it was trained on"
         )
+
+
+def check_adapter_fits(raw: GPT, path: str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Check that an adapter file fits this base and its LoRA (injecting LoRA if it has none)."""
+    check_same_base(raw, path, metadata, base_fingerprint(raw))
     config, have = metadata["lora_config"], getattr(raw, "lora_config", None)
     if have is None:
         apply_lora(raw, config)

@@ -108,8 +108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checkpointing_help = "recompute each block's activations in the backward pass: less memory, more compute"
     system.add_argument("--activation-checkpointing", action="store_true", help=checkpointing_help)
     args = parser.parse_args(argv)
-    lora_flags = {"--alpha": args.alpha, "--targets": args.targets, "--lora-dropout": args.lora_dropout}
-    lora_flags["--variant"] = args.variant
+    lora_flags = {
+        "--alpha": args.alpha,
+        "--targets": args.targets,
+        "--lora-dropout": args.lora_dropout,
+        "--variant": args.variant,
+    }
     given = [flag for flag, value in lora_flags.items() if value is not None]
     if args.rank < 0:
         parser.error(f"--rank must be >= 0 (0: full fine-tuning), got {args.rank}")

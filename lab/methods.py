@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lab.adapter_baselines import add_houlsby_adapters, add_lin_adapters
-from model import GPT, KVCache, config_dict, same_weights, weights_fingerprint
+from lora import check_same_base
+from model import GPT, KVCache, config_dict, weights_fingerprint
 from utils import atomic_path, open_safetensors
 
 
@@ -137,11 +138,9 @@ def load_method(model: GPT, path: str) -> str:
     """Put the method of `path` on `model` (its base) and load its parameters; returns the method. An adapter of
     another base, shape or method is one ValueError naming what differs."""
     tensors, metadata = read_method(path)
-    if metadata["base_config"] != config_dict(model.config):
-        raise ValueError(f"{path} was trained on another base ({metadata['base']}): {metadata['base_config']}")
+    frozen = {key: p.detach() for key, p in model.named_parameters() if key in metadata["base_fingerprint"]}
+    check_same_base(model, path, metadata, weights_fingerprint(frozen))  # before the method changes the model
     apply_method(model, metadata["method"])
-    if not same_weights(metadata["base_fingerprint"], model.base_fingerprint):
-        raise ValueError(f"{path} was trained on base '{metadata['base']}', whose weights differ from this model's")
     if tensors.keys() != set(model.method_tensors):
         raise ValueError(f"{path} holds other tensors than the method {metadata['method']} puts on this base")
     parameters = dict(model.named_parameters())

@@ -208,7 +208,7 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_model, tmp_path):
     path = str(tmp_path / "adapter.safetensors")
     save_adapter(tiny_model, path)
     wider = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32))
-    with pytest.raises(ValueError, match=r"another base .*n_embd 16 \(adapter\) vs 32 \(model\)"):
+    with pytest.raises(ValueError, match=r"another base .*n_embd 16 \(file\) vs 32 \(model\)"):
         load_adapter(wider, path)
     torch.manual_seed(123)
     same_shape_other_weights = GPT(TINY)

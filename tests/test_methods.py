@@ -3,6 +3,7 @@ train, decoding with the KV cache equals decoding without, their files reload th
 do not know them refuse them in one line."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -95,6 +96,8 @@ def test_a_method_file_reloads_the_same_logits_and_only_onto_its_base(base_folde
     with pytest.raises(ValueError, match="whose weights differ") as error:
         load_method(GPT(TINY), path)
     assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"another base .*n_embd 16 \(file\) vs 32 \(model\)"):
+        load_method(GPT(replace(TINY, n_embd=32)), path)
 
 
 def char_data(tmp_path) -> str:
