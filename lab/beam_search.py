@@ -72,57 +72,67 @@ def beam_search(
     for c in caches:
         c.k, c.v = c.k.repeat_interleave(K, 0), c.v.repeat_interleave(K, 0)  # (B, ...) -> (B * K, ...)
     x = x.repeat_interleave(K, 0)  # (B, C) -> (B * K, C)
+    active = list(range(B))  # the prompts not done: row i of seqs, scores, x and the caches is prompt active[i]
     while True:
-        logp = F.log_softmax(model.lm_head(x).float(), dim=-1)  # (B * K, V)
+        A = len(active)
+        logp = F.log_softmax(model.lm_head(x).float(), dim=-1)  # (A * K, V)
         if no_repeat_ngram_size > 0:
-            logp = ban_repeated_ngrams(seqs.view(B * K, T)[:, :filled], logp, no_repeat_ngram_size)
-        top, index = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(width)  # (B, width), best first
-        parent, token = index // V, index % V
-        generated = [filled + 1 - n for n in lengths]  # tokens generated with this step's (< 1: in the prompt)
-        at_max = torch.tensor(generated, device=device)[:, None] == max_new_tokens  # (B, 1)
-        ends = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=device)) | at_max  # (B, width)
+            ban_repeated_ngrams(seqs.view(A * K, T)[:, :filled], logp, no_repeat_ngram_size)
+        # A prompt's best `width` extensions are among each of its beams' best `width`: rank those alone
+        row_top, row_token = logp.topk(min(width, V))  # (A * K, w)
+        candidates = row_top.view(A, K, -1) + scores[:, :, None]  # summed log-probabilities (A, K, w)
+        top, index = candidates.view(A, -1).topk(width)  # (A, width), best first
+        parent, token = index // row_top.size(1), row_token.view(A, -1).gather(1, index)
+        generated = [filled + 1 - lengths[b] for b in active]  # tokens generated with this step's (< 1: in the prompt)
+        at_max = torch.tensor(generated, device=device)[:, None] == max_new_tokens  # (A, 1)
+        ends = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=device)) | at_max  # (A, width)
         running = top + ends.float() * NONE  # those that end cannot go on
         # Finished: those that end among the best K, scored sum_logprobs / generated ** length_penalty.
         divisor = torch.tensor([max(n, 1) ** length_penalty for n in generated], device=device)[:, None]
         penalized = top[:, :K] / divisor
-        for b, j in ends[:, :K].nonzero().tolist():
-            if not done[b] and generated[b] >= 1:
-                tokens = seqs[b, parent[b, j], lengths[b] : filled].tolist() + [token[b, j].item()]
-                finished[b].append((penalized[b, j].item(), tokens[:-1] if tokens[-1] in eos else tokens))
+        for i, j in ends[:, :K].nonzero().tolist():
+            b = active[i]
+            if generated[i] >= 1:
+                tokens = seqs[i, parent[i, j], lengths[b] : filled].tolist() + [token[i, j].item()]
+                finished[b].append((penalized[i, j].item(), tokens[:-1] if tokens[-1] in eos else tokens))
                 finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
         # Go on with the best K that do not end; rows still inside their prompt take its next token.
-        keep = running.topk(K).indices  # (B, K)
-        in_prompt = torch.tensor(generated, device=device)[:, None] < 1  # (B, 1)
-        beams = torch.where(in_prompt, torch.arange(K, device=device), parent.gather(1, keep))  # (B, K)
+        keep = running.topk(K).indices  # (A, K)
+        in_prompt = torch.tensor(generated, device=device)[:, None] < 1  # (A, 1)
+        beams = torch.where(in_prompt, torch.arange(K, device=device), parent.gather(1, keep))  # (A, K)
         next_token = torch.where(in_prompt, seqs[:, :, filled], token.gather(1, keep))
         scores = torch.where(in_prompt, scores, running.gather(1, keep))
-        seqs = seqs.gather(1, beams[:, :, None].expand(B, K, T))
+        seqs = seqs.gather(1, beams[:, :, None].expand(A, K, T))
         seqs[:, :, filled] = next_token
         filled += 1
         # transformers' test, after each step, for a prompt being done: at max_new_tokens, or with K
         # finished and (early_stopping, or the best running beam, scored at its length, is no better
         # than the worst finished)
-        best_running = (scores[:, :1] / divisor).view(B).tolist()
-        for b in range(B):
+        best_running = (scores[:, :1] / divisor).view(A).tolist()
+        for i, b in enumerate(active):
             full = len(finished[b]) == K
-            cannot_improve = full and best_running[b] <= finished[b][-1][0]
-            done[b] = done[b] or generated[b] == max_new_tokens or (full and (early_stopping or cannot_improve))
+            cannot_improve = full and best_running[i] <= finished[b][-1][0]
+            done[b] = generated[i] == max_new_tokens or (full and (early_stopping or cannot_improve))
         if all(done):
             return [hyps[0][1] for hyps in finished]
-        rows = (beams + torch.arange(B, device=device)[:, None] * K).view(-1)  # (B * K,): cache rows to keep
+        # A prompt that is done leaves the batch: its rows are no longer computed
+        go_on = [i for i, b in enumerate(active) if not done[b]]
+        active = [active[i] for i in go_on]
+        go_on = torch.tensor(go_on, device=device)
+        seqs, scores = seqs[go_on], scores[go_on]
+        rows = (beams[go_on] + go_on[:, None] * K).view(-1)  # cache rows to keep, in their new order
         for c in caches:
-            c.k[:, :, : c.length], c.v[:, :, : c.length] = c.k[rows, :, : c.length], c.v[rows, :, : c.length]
-        x = model.hidden_states(seqs.view(B * K, T)[:, filled - 1 : filled], caches)[:, -1]
+            c.k, c.v = c.k[rows], c.v[rows]
+        x = model.hidden_states(seqs.view(len(active) * K, T)[:, filled - 1 : filled], caches)[:, -1]
 
 
-def ban_repeated_ngrams(seqs: torch.Tensor, logp: torch.Tensor, n: int) -> torch.Tensor:
-    """logp (R, V) with -inf on every token that would repeat an n-gram of its row of seqs (R, L):
-    each earlier n-gram whose first n - 1 tokens are the row's last n - 1 bans its last token."""
-    L, V = seqs.size(1), logp.size(1)
+def ban_repeated_ngrams(seqs: torch.Tensor, logp: torch.Tensor, n: int) -> None:
+    """Set logp (R, V) to -inf, in place, on every token that would repeat an n-gram of its row of
+    seqs (R, L): each earlier n-gram whose first n - 1 tokens are the row's last n - 1 bans its last token."""
+    L = seqs.size(1)
     if L < n:
-        return logp
+        return
     windows = seqs.unfold(1, n, 1)  # (R, L - n + 1, n): every n-gram
     matches = (windows[..., :-1] == seqs[:, L - n + 1 :][:, None]).all(-1)  # (R, L - n + 1)
-    banned = torch.zeros(seqs.size(0), V + 1, dtype=torch.bool, device=seqs.device)  # column V: a no-op
-    banned.scatter_(1, torch.where(matches, windows[..., -1], V), True)
-    return logp.masked_fill(banned[:, :V], float("-inf"))
+    rows, starts = matches.nonzero(as_tuple=True)
+    logp[rows, windows[rows, starts, -1]] = float("-inf")
