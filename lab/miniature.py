@@ -277,8 +277,8 @@ class Scale:
     curve_points: int = 4  # held-out losses logged per Table 3 run, for the loss curves
     full_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # candidates, chosen on the held-out MRs (FT and FT^Top2)
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
-    adapter_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # Adapter^H and Adapter^L
-    prefix_lrs: tuple[float, ...] = (2e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
+    adapter_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # Adapter^H and Adapter^L
+    prefix_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
     seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
     fig2_sizes: tuple[tuple[int, ...], ...] = ((8, 32, 128), (6, 32, 256), (2, 8, 32))  # FIG2's, in its order
     table5_rows: tuple[str, ...] | None = None  # TABLE5's rows to train; None: all
