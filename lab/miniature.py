@@ -3,6 +3,7 @@ and Figs. 2 and 3 on E2E NLG, from one command.
 
     python -m lab.miniature                  # the whole sweep; writes docs/miniature.md and its plots
     python -m lab.miniature --quick          # the same plumbing on tiny shapes, in a minute or two
+    python -m lab.miniature --gap            # then what closes LoRA's gap to fine-tuning on the held-out MRs
 
 1. **Data.** Tiny Shakespeare, E2E (valid, test) and WebNLG 2017's dev texts are downloaded (or read from
    local copies: --shakespeare, --e2e, --webnlg). E2E's train split is not used: its valid split is the
@@ -22,6 +23,8 @@ and Figs. 2 and 3 on E2E NLG, from one command.
    the test MRs (the paper's beam search); Tables 5 and 6 and Fig. 2 (quality against trainable parameters)
    are decoded greedily. Every decoding is scored with the challenge's metrics (lab.e2e_metrics).
 4. **The analysis** (§7): φ between the r=8 and r=64 adapters (Fig. 3), ΔW against W (Table 7).
+5. **The gap** (--gap, after the sweep and timed apart): where LoRA trails fine-tuning on the held-out MRs,
+   Table 3's rows trained longer, LoRA at other ranks, targets and α, and both on a base of less pre-training.
 
 Output: --out/miniature.md (and its plots), copied to --doc (docs/miniature.md for the full sweep).
 """
@@ -39,7 +42,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -279,10 +282,15 @@ class Scale:
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
     adapter_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # Adapter^H and Adapter^L
     prefix_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
+    lr_growth: int = 0  # candidates that may be added beyond either end of a grid, where the best one is (--lr-growth)
     seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
     fig2_sizes: tuple[tuple[int, ...], ...] = ((8, 32, 128), (6, 32, 256), (2, 8, 32))  # FIG2's, in its order
     table5_rows: tuple[str, ...] | None = None  # TABLE5's rows to train; None: all
     table6_ranks: tuple[int, ...] = (1, 2, 4, 8, 64)  # 8 and 64 for Fig. 3
+    gap_epochs: float = 3.0  # what closes the gap: Table 3's rows trained this long, the held-out loss every half epoch
+    gap_ranks: tuple[int, ...] = (64,)  # ... LoRA on every projection at these ranks
+    gap_alphas: tuple[int, ...] = (128,)  # ... LoRA r=4 q,v at these α (Table 3's: ALPHA)
+    gap_base_iters: int = 400  # ... on a base pre-trained this many steps (Table 3's: base_iters)
     overhead_trials: int = 20  # Table 3's latency column: forward passes of 1 × 128 timed per method
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
@@ -293,6 +301,7 @@ class Scale:
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
     full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, overhead_trials=2,
+    gap_epochs=0.02, gap_ranks=(8,), gap_alphas=(64,), gap_base_iters=4,
     fig2_sizes=((128,), (6,), (2,)), table5_rows=("Wq", "Wq, Wv"), table6_ranks=(4, 8, 64), test_mrs=4,
     num_beams=2, max_new_tokens=12, java=False,
 )  # fmt: skip
@@ -332,6 +341,9 @@ TABLE5 |= {"Wq, Wv": Row(4, "q,v"), "Wq, Wk, Wv, Wo": Row(2, "q,k,v,o")}
 # Fig. 2: quality against trainable parameters; LoRA's points are Table 6's ranks, these the other methods' sizes,
 # each at its Table 3 learning rate (the Table 3 size is among them, trained once)
 FIG2 = {"Adapter^H": "adapter-h", "Adapter^L": "adapter-l", "PreLayer": "prefix"}
+# What closes the held-out gap (--gap, see gap_rows): the methods trained longer, and those trained on a base of less
+# pre-training
+GAP_METHODS = ("fine-tuning", "LoRA r=4 q,v")
 
 
 def learning_rates(scale: Scale, row: Row) -> tuple[float, ...]:
@@ -344,6 +356,22 @@ def learning_rates(scale: Scale, row: Row) -> tuple[float, ...]:
         "adapter-l": scale.adapter_lrs,
         "prefix": scale.prefix_lrs,
     }[row.kind]
+
+
+def beyond_the_edge(losses: dict[float, float], grid: tuple[float, ...], growth: int) -> float | None:
+    """The learning rate to try next when the lowest held-out loss of `losses` (lr -> loss: the grid's candidates
+    and those added to it) is at an end of the range tried: twice the largest, or half the smallest, unless
+    `growth` were added beyond the grid on that side already. None when the best is inside the range (or the grid
+    has one candidate)."""
+    lrs = sorted(losses)
+    best = min(lrs, key=lambda lr: losses[lr])
+    if len(grid) < 2 or best not in (lrs[0], lrs[-1]):
+        return None
+    if best == lrs[-1]:
+        added, lr = sum(lr > max(grid) for lr in lrs), 2 * best
+    else:
+        added, lr = sum(lr < min(grid) for lr in lrs), best / 2
+    return lr if added < growth else None
 
 
 def folder_name(row: Row, lr: float, seed: int = 0) -> str:
@@ -362,13 +390,23 @@ def as_argv(flags: dict) -> list[str]:
 
 
 def finetune_argv(
-    scale: Scale, out: str, meta: dict, row: Row, lr: float, curve: bool, seed: int, again: int = 0
+    scale: Scale,
+    out: str,
+    meta: dict,
+    row: Row,
+    lr: float,
+    curve: bool,
+    seed: int,
+    again: int = 0,
+    varied: tuple[str, dict] = ("", {}),
 ) -> list[str]:
     """train.py's arguments for one row: the paper's E2E recipe (Table 11) at this scale, seeded `seed + again`.
-    `meta` is the pairs' meta.json (how many training and held-out pairs)."""
+    `meta` is the pairs' meta.json (how many training and held-out pairs); `varied`, a suffix of the run's
+    folder and the train.py flags that differ from the recipe (see gap_rows)."""
     steps = math.ceil(scale.epochs * meta["train_examples"] / scale.batch_size)
+    folder = os.path.join(out, folder_name(row, lr, again) + varied[0])
     flags = dict(base=os.path.join(out, "base"), data=os.path.join(out, "data", "e2e"), seed=seed + again)
-    flags |= dict(run_dir=os.path.join(out, folder_name(row, lr, again)), batching="padded", epochs=scale.epochs)
+    flags |= dict(run_dir=folder, batching="padded", epochs=scale.epochs)
     flags |= dict(batch_size=scale.batch_size, grad_accum=1, block_size=scale.block_size, schedule="linear")
     flags |= dict(warmup_iters=max(1, steps // 20), weight_decay=0.01, label_smoothing=0.1, lr=lr)
     flags |= dict(eval_iters=scale.eval_iters or math.ceil(meta["val_examples"] / scale.batch_size))
@@ -377,18 +415,43 @@ def finetune_argv(
         flags |= dict(alpha=ALPHA, targets=row.targets, lora_dropout=LORA_DROPOUT)
     if row.method:
         flags |= dict(method=row.method)
-    return as_argv(flags)
+    return as_argv(flags | varied[1])
 
 
-def base_argv(scale: Scale, out: str, seed: int) -> list[str]:
-    """train.py's arguments for the base: from scratch (random weights), every weight trained."""
+def base_argv(scale: Scale, out: str, seed: int, iters: int | None = None, folder: str = "base") -> list[str]:
+    """train.py's arguments for the base: from scratch (random weights), every weight trained, for `iters` steps
+    (default: the scale's)."""
+    iters = iters or scale.base_iters
     flags = dict(base="scratch", rank=0, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd, seed=seed)
-    flags |= dict(block_size=scale.block_size, batch_size=scale.base_batch, grad_accum=1, max_iters=scale.base_iters)
-    flags |= dict(
-        lr=scale.base_lr, warmup_iters=max(1, scale.base_iters // 12), eval_interval=max(1, scale.base_iters // 6)
-    )
-    flags |= dict(eval_iters=20, data=os.path.join(out, "data", "pretrain"), run_dir=os.path.join(out, "base"))
+    flags |= dict(block_size=scale.block_size, batch_size=scale.base_batch, grad_accum=1, max_iters=iters)
+    flags |= dict(lr=scale.base_lr, warmup_iters=max(1, iters // 12), eval_interval=max(1, iters // 6))
+    flags |= dict(eval_iters=20, data=os.path.join(out, "data", "pretrain"), run_dir=os.path.join(out, folder))
     return as_argv(flags)
+
+
+def gap_rows(scale: Scale, out: str, meta: dict) -> dict[str, tuple[str, Row, tuple[str, dict]]]:
+    """What might close LoRA's gap to fine-tuning on the held-out MRs, one setting at a time: name -> (the Table 3
+    method it varies, trained at that method's learning rate; its row; finetune_argv's `varied`)."""
+    epoch = math.ceil(meta["train_examples"] / scale.batch_size)  # steps
+    longer = ("-epochs" + f"{scale.gap_epochs:g}", dict(epochs=scale.gap_epochs, eval_interval=max(1, epoch // 2)))
+    base = os.path.join(out, f"base-{scale.gap_base_iters}")
+    rows = {f"{method}, {scale.gap_epochs:g} epochs": (method, TABLE3[method], longer) for method in GAP_METHODS}
+    rows |= {
+        f"LoRA r={r} q,k,v,o,mlp": ("LoRA r=4 q,k,v,o,mlp", Row(r, "q,k,v,o,mlp"), ("", {})) for r in scale.gap_ranks
+    }
+    rows |= {
+        f"LoRA r=4 q,v, α = {alpha}": ("LoRA r=4 q,v", TABLE3["LoRA r=4 q,v"], (f"-alpha{alpha}", dict(alpha=alpha)))
+        for alpha in scale.gap_alphas
+    }
+    rows |= {
+        f"{method}, base of {scale.gap_base_iters} steps": (
+            method,
+            TABLE3[method],
+            (f"-base{scale.gap_base_iters}", dict(base=base)),
+        )
+        for method in GAP_METHODS
+    }
+    return rows
 
 
 def train_row(argv: list[str]) -> dict:
@@ -493,6 +556,7 @@ def sweep(args: argparse.Namespace) -> dict:
     """Data, base, then the rows of Tables 3, 5 and 6 (each trained unless complete, then decoded unless
     decoded); returns what the report shows."""
     scale, out, started = QUICK if args.quick else Scale(), args.out, time.time()
+    scale = replace(scale, lr_growth=args.lr_growth)
     device = resolve_device(args.device)
     resolve_dtype(device, args.dtype)  # a bad --dtype fails before any work
     hardware = [] if (args.device, args.dtype) == ("auto", "auto") else ["--device", args.device, "--dtype", args.dtype]
@@ -515,7 +579,9 @@ def sweep(args: argparse.Namespace) -> dict:
         folder_name(r, 0) for r in TABLE3.values()
     }
     total = 1 + sum(len(learning_rates(scale, row)) + scale.seeds - 1 for row in TABLE3.values()) + len(later)
+    total += (1 + len(gap_rows(scale, out, meta))) if args.gap else 0
     report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
+    report["epoch_steps"] = math.ceil(meta["train_examples"] / scale.batch_size)
 
     def run(argv: list[str]) -> dict:
         """A train.py row (read if complete), with a progress line the first time the sweep meets it."""
@@ -546,10 +612,15 @@ def sweep(args: argparse.Namespace) -> dict:
         held_out = [s for s in f.read().split(prepare_data.END_OF_TEXT) if s.strip()]
     report["copy_test"], report["end_of_text"] = copy_test(base), end_of_text(base, held_out)
     for method, table_row in TABLE3.items():  # each method at its learning rate of lowest held-out loss
-        lrs = learning_rates(scale, table_row)
-        candidates = {lr: run(finetune_argv(scale, out, meta, table_row, lr, True, args.seed)) for lr in lrs}
+        grid = learning_rates(scale, table_row)
+        candidates = {lr: run(finetune_argv(scale, out, meta, table_row, lr, True, args.seed)) for lr in grid}
+        while (
+            lr := beyond_the_edge({c: r["val_loss"] for c, r in candidates.items()}, grid, scale.lr_growth)
+        ) is not None:
+            total += 1  # a candidate beyond the grid's end, where the best one is
+            candidates[lr] = run(finetune_argv(scale, out, meta, table_row, lr, True, args.seed))
         lr = min(candidates, key=lambda lr: candidates[lr]["val_loss"])  # the held-out MRs, never the test split
-        report["tuning"][method] = {lr: row["val_loss"] for lr, row in candidates.items()}
+        report["tuning"][method] = {lr: row["val_loss"] for lr, row in sorted(candidates.items())}
         report.setdefault("table3_runs", []).extend(row["folder"] for row in candidates.values())
         best = candidates[lr]
         report["table3"][method] = best | dict(lr=lr, beam=decoded(best, True), greedy=decoded(best, False))
@@ -585,10 +656,20 @@ def sweep(args: argparse.Namespace) -> dict:
         report["fig2"][name] = [
             report["table3"][in_table3[row]] if row in in_table3 else run_decoded(row, lr) for row in rows
         ]
+    invocation = dict(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=time.time() - started, trained=len(trained))
+    if args.gap:  # what closes the gap: after the sweep, timed apart from it
+        gap_started, swept = time.time(), len(trained)
+        report["gap_base"] = run(base_argv(scale, out, args.seed, scale.gap_base_iters, f"base-{scale.gap_base_iters}"))
+        report["gap"] = {}
+        for name, (method, row, varied) in gap_rows(scale, out, meta).items():
+            lr = report["table3"][method]["lr"]
+            record = run(finetune_argv(scale, out, meta, row, lr, True, args.seed, varied=varied))
+            score = score_row(record["folder"], held_out, scale, False, device, args.dtype, seen)
+            report["gap"][name] = record | dict(of=method, lr=lr, held_out=score)
+        gap = dict(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=time.time() - gap_started, trained=len(trained) - swept)
     with open(os.path.join(out, "invocations.jsonl"), "a") as f:  # how long each run of the sweep took
-        f.write(
-            json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=time.time() - started, trained=len(trained)))
-            + "\n"
+        f.writelines(
+            json.dumps(record) + "\n" for record in [invocation] + ([gap | dict(gap=True)] if args.gap else [])
         )
     with open(os.path.join(out, "invocations.jsonl")) as f:
         report["invocations"] = [json.loads(line) for line in f if line.strip()]
@@ -712,21 +793,64 @@ def seeds_table(t3: dict[str, dict]) -> list[str]:
         + " |"
         for name, row in t3.items()
     ]
-    lines += ["", "Against fine-tuning, a difference of the means beyond the sum of the two standard deviations:", ""]
-    for name, row in t3.items():
-        if row is full:
-            continue
-        cells = []
-        for column in ("held-out loss", "held-out BLEU", "test BLEU"):
-            (mean, std), (mean_full, std_full) = spread(row, column), spread(full, column)
-            factor, digits = SEED_COLUMNS[column][1:]
-            if math.isnan(std + std_full):
-                beyond = "no spread: one seed"
-            else:  # rounding's last bits are no difference
-                beyond = "beyond the spread" if abs(mean - mean_full) > max(std + std_full, 1e-9) else "within it"
-            cells.append(f"{column} {factor * (mean - mean_full):+.{digits}f} ({beyond})")
-        lines.append(f"- {name}: " + ", ".join(cells))
     return lines
+
+
+def versus(row: dict, full: dict, column: str) -> str:
+    """A row's mean minus fine-tuning's in a column, and whether it exceeds the sum of their seeds' standard
+    deviations ('beyond' the spread, or 'within' it)."""
+    (mean, std), (mean_full, std_full) = spread(row, column), spread(full, column)
+    factor, digits = SEED_COLUMNS[column][1:]
+    if math.isnan(std + std_full):
+        beyond = "one seed"
+    else:  # rounding's last bits are no difference
+        beyond = "beyond" if abs(mean - mean_full) > max(std + std_full, 1e-9) else "within"
+    return f"{factor * (mean - mean_full):+.{digits}f} ({beyond})"
+
+
+# The paper's Table 3, GPT-2 M on E2E: trainable parameters, then BLEU, NIST, METEOR, ROUGE-L and CIDEr (± the
+# spread over seeds where the paper gives one; the rows without it are other papers' figures, as it notes)
+PAPER_TABLE3 = {
+    "fine-tuning": ("354.92M", "68.2", "8.62", "46.2", "71.0", "2.47"),
+    "FT^Top2": ("25.19M", "68.1", "8.59", "46.0", "70.8", "2.41"),
+    "Adapter^L (small)": ("0.37M", "66.3", "8.41", "45.0", "69.8", "2.40"),
+    "Adapter^L (large)": ("11.09M", "68.9", "8.71", "46.1", "71.3", "2.47"),
+    "Adapter^H": ("11.09M", "67.3 ± .6", "8.50 ± .07", "46.0 ± .2", "70.7 ± .2", "2.44 ± .01"),
+    "PreLayer": ("0.35M", "69.7", "8.81", "46.1", "71.4", "2.49"),
+    "LoRA r=4 q,v": ("0.35M", "70.4 ± .1", "8.85 ± .02", "46.8 ± .2", "71.8 ± .1", "2.53 ± .02"),
+}
+
+
+def beside_the_paper(t3: dict[str, dict]) -> list[str]:
+    """Each Table 3 method against fine-tuning, the paper's (BLEU) beside ours (test BLEU, held-out BLEU and loss,
+    with whether each difference exceeds the seeds' spread), then the two orders of the methods."""
+    full, paper_full = t3["fine-tuning"], float(PAPER_TABLE3["fine-tuning"][1])
+    lines = [
+        "| | the paper: trainable | BLEU | against FT | ours: trainable | test BLEU against FT | held-out BLEU "
+        "against FT | held-out loss against FT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in t3.items():
+        paper = PAPER_TABLE3.get(name)
+        cells = [paper[0], paper[1], f"{float(paper[1].split()[0]) - paper_full:+.1f}"] if paper else ["–"] * 3
+        cells.append(f"{100 * row['trainable'] / full['trainable']:.3g}%")
+        cells += ["" if row is full else versus(row, full, c) for c in ("test BLEU", "held-out BLEU", "held-out loss")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def order(key) -> str:
+        return " > ".join(sorted(t3, key=key))
+
+    paper_bleu = {name: float(cells[1].split()[0]) for name, cells in PAPER_TABLE3.items()}
+    return lines + [
+        "",
+        "Best first: the paper by BLEU, "
+        + " > ".join(sorted(paper_bleu, key=lambda name: -paper_bleu[name]))
+        + "; ours by mean test BLEU, "
+        + order(lambda name: -spread(t3[name], "test BLEU")[0])
+        + "; ours by mean held-out loss, "
+        + order(lambda name: spread(t3[name], "held-out loss")[0])
+        + ".",
+    ]
 
 
 def ratio(a: float, b: float) -> str:
@@ -758,40 +882,85 @@ def unasked_rating(folder: str, kind: str, test: str) -> tuple[float, int]:
     return sum("rating" in t for t in unasked) / max(len(unasked), 1), len(unasked)
 
 
+def minutes(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
+    """The budget (Table 3 in at most 60 minutes once the learning rates are chosen, the sweep in 120), and where
+    the minutes go."""
+    t3, runs = report["table3"], report["runs"]
+    chosen = {r["folder"] for row in t3.values() for r in seeded(row)}  # each method at its lr, every seed
+    gap = {row["folder"] for row in report.get("gap", {}).values()} | {report.get("gap_base", {}).get("folder")}
+    sweep_runs = {folder: run for folder, run in runs.items() if folder not in gap}
+    sweep_decodes = {key: s for key, s in decodes.items() if key[0] not in gap}
+    table3 = sum(runs[f]["train_s"] for f in chosen) + sum(s for (f, _), s in sweep_decodes.items() if f in chosen)
+    wall = sum(i["wall_s"] for i in report["invocations"] if i["trained"] and not i.get("gap"))
+    more = {r["folder"] for row in t3.values() for r in row["more_seeds"]}
+    parts = {
+        "the base": report["base"]["train_s"],
+        "Table 3's learning-rate candidates": sum(runs[f]["train_s"] for f in report["table3_runs"] if f not in more),
+        "Table 3's further seeds": sum(runs[f]["train_s"] for f in more),
+        "Tables 5, 6 and Fig. 2": sum(
+            run["train_s"]
+            for f, run in sweep_runs.items()
+            if f not in report["table3_runs"] and f != report["base"]["folder"]
+        ),
+        "beam search": sum(s for (_, kind), s in sweep_decodes.items() if kind == "beam"),
+        "greedy decoding": sum(s for (_, kind), s in sweep_decodes.items() if kind != "beam"),
+    }
+    parts["the rest (data, scoring, the analysis, latency)"] = max(0.0, wall - sum(parts.values()))
+    return [
+        f"- **Time** (goals: Table 3 in at most 60 minutes once the learning rates are chosen, the whole sweep in "
+        f"120): Table 3, each method at its learning rate with {report['scale'].seeds} seeds (training, beam search "
+        f"on the test MRs, greedy decoding of the held-out and test MRs), took {table3 / 60:.1f} minutes "
+        f"({'met' if table3 <= 3600 else 'missed'}); the whole sweep {wall / 60:.1f} minutes of wall time "
+        f"({'met' if wall <= 7200 else 'missed'}). Where they went: "
+        + ", ".join(f"{what} {s / 60:.1f}" for what, s in parts.items())
+        + " minutes.",
+    ]
+
+
+def steadily_falling(rows: list[dict]) -> bool:
+    """Whether the held-out loss falls from each run to the next."""
+    return all(a["val_loss"] > b["val_loss"] for a, b in zip(rows, rows[1:]))
+
+
 def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
     """The goals of the miniature, each with the numbers that meet or miss it."""
     t3, t6 = report["table3"], report["table6"]
     full, lora, every = t3["fine-tuning"], t3["LoRA r=4 q,v"], t3["LoRA r=4 q,k,v,o,mlp"]
-    share, params = lora["beam"]["BLEU"] / max(full["beam"]["BLEU"], 1e-9), lora["trainable"] / full["trainable"]
+    share = spread(lora, "test BLEU")[0] / max(spread(full, "test BLEU")[0], 1e-9)
+    params = lora["trainable"] / full["trainable"]
 
     def edge(method: str) -> str:
-        lrs = list(report["tuning"][method])
+        lrs = list(report["tuning"][method])  # in order
         where = {lrs[0]: "the smallest", lrs[-1]: "the largest"}.get(t3[method]["lr"], "inside the range")
-        return f"{where} of the candidates ({', '.join(f'{lr:g}' for lr in lrs)})"
+        further = "" if where == "inside the range" else ": the best may lie beyond (`--lr-growth`)"
+        return f"{where} of the candidates ({', '.join(f'{lr:g}' for lr in lrs)}){further}"
 
-    table3_s = sum(report["runs"][f]["train_s"] for f in report["table3_runs"])
-    table3_s += sum(
-        s for (folder, _), s in decodes.items() if folder in {r["folder"] for row in t3.values() for r in seeded(row)}
-    )
     greedy = {name: 100 * row["greedy"]["BLEU"] for name, row in t6.items()}
     test = os.path.join(report["out"], "data", "test.txt")
     unasked, unasked_lora = (unasked_rating(row["folder"], "beam", test) for row in (full, lora))
+    by_bleu = sorted(t3, key=lambda name: -spread(t3[name], "test BLEU")[0])
+    by_loss = sorted(t3, key=lambda name: spread(t3[name], "held-out loss")[0])
     return [
-        f"- **LoRA r=4 on Wq, Wv against fine-tuning** (goal: within 5% of its BLEU with at most 1% of its "
-        f"trainable parameters): {100 * share:.0f}% of the BLEU with {100 * params:.2f}% of the parameters, "
-        f"goal {'met' if share >= 0.95 and params <= 0.01 else 'missed'}. Decoded greedily, "
-        f"{100 * lora['greedy']['BLEU'] / max(full['greedy']['BLEU'], 1e-9):.0f}% (BLEU "
-        f"{100 * lora['greedy']['BLEU']:.1f} against {100 * full['greedy']['BLEU']:.1f}); the beam's texts average "
-        f"{mean_words(lora['folder'], 'beam'):.1f} words with LoRA, {mean_words(full['folder'], 'beam'):.1f} "
+        f"- **LoRA r=4 on Wq, Wv against fine-tuning** (goal: within 5% of its test BLEU with at most 1% of its "
+        f"trainable parameters): over {len(seeded(lora))} seeds, test BLEU {spread_cell(lora, 'test BLEU')} against "
+        f"{spread_cell(full, 'test BLEU')}, {100 * share:.0f}% with {100 * params:.2f}% of the parameters: goal "
+        f"{'met' if share >= 0.95 and params <= 0.01 else 'missed'}; the difference, "
+        f"{versus(lora, full, 'test BLEU')}, against the seeds' spread. The beam's texts (seed {lora['seed']}) "
+        f"average {mean_words(lora['folder'], 'beam'):.1f} words with LoRA, {mean_words(full['folder'], 'beam'):.1f} "
         "fine-tuned.",
-        "- **The held-out MRs against the test split.** Greedy BLEU on the held-out MRs (the training split's "
-        f"kind of MR, delexicalised): fine-tuning {100 * full['held_out']['BLEU']:.1f}, LoRA r=4 q,v "
-        f"{100 * lora['held_out']['BLEU']:.1f}, LoRA on every projection {100 * every['held_out']['BLEU']:.1f}; "
-        "the test split's MRs are of another mix (a type, a `near`, a customer rating in "
+        "- **In distribution and on test.** On the held-out MRs (the training split's kind of MR, delexicalised, "
+        f"decoded greedily) BLEU is {spread_cell(full, 'held-out BLEU')} fine-tuned, "
+        f"{spread_cell(lora, 'held-out BLEU')} with LoRA r=4 q,v ({versus(lora, full, 'held-out BLEU')}), "
+        f"{spread_cell(every, 'held-out BLEU')} with LoRA on every projection; the held-out loss "
+        f"{spread_cell(full, 'held-out loss')}, {spread_cell(lora, 'held-out loss')} "
+        f"({versus(lora, full, 'held-out loss')}) and {spread_cell(every, 'held-out loss')}. The test split's MRs "
+        "are of another mix (a type, a `near`, a customer rating in "
         + ", ".join(f"{100 * report['slots']['test'][slot]:.0f}%" for slot in SLOTS_THAT_DIFFER)
         + " of them; "
         + ", ".join(f"{100 * report['slots']['train-pairs'][slot]:.0f}%" for slot in SLOTS_THAT_DIFFER)
-        + " of the training MRs), and there the order of BLEU is not the order of the held-out loss. Of the "
+        + " of the training MRs), and the methods' order by test BLEU "
+        + ("is" if by_bleu == by_loss else "is not")
+        + " their order by held-out loss. Of the "
         f"{unasked[1]} test MRs without a customer rating, fine-tuning's beam texts state one in "
         f"{100 * unasked[0]:.0f}%, LoRA r=4 q,v's in {100 * unasked_lora[0]:.0f}%: fine-tuning writes the "
         "training MRs' usual slots more, asked or not.",
@@ -802,11 +971,27 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
         f"{100 * every['trainable'] / full['trainable']:.2f}% of fine-tuning's); on Wq, Wv greedily, r = 1 to 64 give "
         + ", ".join(f"{v:.1f}" for v in greedy.values())
         + f", fine-tuning {100 * full['greedy']['BLEU']:.1f}.",
+        "- **What the methods cost at inference** (§3, Table 1): one forward pass of 1 × 128 tokens against the "
+        "base's, "
+        + ", ".join(f"{name} {100 * row['overhead']:+.0f}%" for name, row in t3.items())
+        + " (LoRA merged is the base's own computation; an adapter adds layers, a prefix keys and values).",
+        "- **Quality against size** (Fig. 2; the paper, on GPT-3: prefix tuning's quality does not grow steadily "
+        "with its length): the held-out loss of "
+        + "; ".join(
+            f"{name} at {', '.join(map(str, sizes))}: "
+            + ", ".join(f"{row['val_loss']:.3f}" for row in rows)
+            + (" (falls with every size)" if steadily_falling(rows) else " (not falling with every size)")
+            for (name, rows), sizes in zip(report["fig2"].items(), report["scale"].fig2_sizes)
+        )
+        + "; LoRA on Wq, Wv at r = "
+        + ", ".join(name.split()[-1] for name in t6)
+        + ": "
+        + ", ".join(f"{row['val_loss']:.3f}" for row in t6.values())
+        + (" (falls with every rank)." if steadily_falling(list(t6.values())) else " (not falling with every rank)."),
         "- **Learning rates**: each method's lowest held-out loss is at "
         + "; ".join(f"{method}: lr {t3[method]['lr']:g}, {edge(method)}" for method in report["tuning"])
         + ".",
-        f"- **Time** (goal: Table 3 in at most 30 minutes, the sweep in 90): Table 3's runs (every candidate "
-        f"learning rate) and decoding took {table3_s / 60:.1f} minutes.",
+        *minutes(report, decodes),
         "- **What LoRA needs from the base.** LoRA changes a few projections of the base by a low-rank ΔW, "
         "which amplifies directions W already has (§7.3); what the base cannot do at all, LoRA has to learn in "
         f"{lora['trainable']:,} parameters. Ending a text is such an ability: this base was pre-trained with "
@@ -815,6 +1000,59 @@ def findings(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
         "of this page never saw the token, and there LoRA reached 76% of fine-tuning's BLEU ([below](#the-design)). "
         "Copying is another, which this base still lacks (the copy test): the names are delexicalised for it.",
     ]
+
+
+def gap_section(report: dict) -> list[str]:
+    """What closes LoRA's gap to fine-tuning on the held-out MRs (--gap): each variation of a Table 3 row beside
+    that row, the held-out loss of the longer runs every half epoch, and LoRA's gap in each setting."""
+    gap, t3, scale = report["gap"], report["table3"], report["scale"]
+    lines = [
+        "## What closes LoRA's gap on the held-out MRs",
+        "",
+        "Table 3's rows varied one setting at a time (`--gap`), each at its Table 3 learning rate, seed "
+        f"{report['base']['seed']}: trained {scale.gap_epochs:g} epochs (the held-out loss every half epoch, the "
+        "learning rate decaying over all of them); LoRA at other ranks and α; and on a base pre-trained "
+        f"{scale.gap_base_iters} steps instead of {scale.base_iters} (its held-out loss "
+        f"{report['gap_base']['val_loss']:.3f}, this page's base {report['base']['val_loss']:.3f}). The held-out "
+        "loss is the number to move: test BLEU alone does not show the gap.",
+        "",
+        "| | varies | lr | trainable | held-out loss | against its Table 3 run | held-out BLEU (greedy) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {row['of']} | {row['lr']:g} | {row['trainable']:,} | {row['val_loss']:.3f} | "
+            f"{row['val_loss'] - t3[row['of']]['val_loss']:+.3f} | {100 * row['held_out']['BLEU']:.1f} |"
+            for name, row in gap.items()
+        ),
+        "",
+    ]
+    lowest = {}  # the longer runs: (epoch, held-out loss) at their lowest
+    for name, row in gap.items():
+        if name.endswith(" epochs"):
+            curve = [(step / report["epoch_steps"], loss) for step, loss in row["curve"]]
+            lowest[row["of"]] = min(curve, key=lambda point: point[1])
+            lines.append(
+                f"- {name}: the held-out loss at epochs "
+                + ", ".join(f"{epoch:.1f}: {loss:.3f}" for epoch, loss in curve)
+                + f"; lowest at epoch {lowest[row['of']][0]:.1f}."
+            )
+    full, lora = t3["fine-tuning"], t3["LoRA r=4 q,v"]
+    based = {row["of"]: row["val_loss"] for name, row in gap.items() if name.endswith(" steps")}
+    lines += [
+        "",
+        f"The gap, LoRA's held-out loss minus fine-tuning's: LoRA r=4 q,v {versus(lora, full, 'held-out loss')} in "
+        f"Table 3 ({len(seeded(lora))} seeds' means, {scale.epochs:g} epoch; seed {lora['seed']} alone "
+        f"{lora['val_loss'] - full['val_loss']:+.3f}); {lowest['LoRA r=4 q,v'][1] - lowest['fine-tuning'][1]:+.3f} "
+        f"trained {scale.gap_epochs:g} epochs, each at its lowest; "
+        f"{based['LoRA r=4 q,v'] - based['fine-tuning']:+.3f} on the base of {scale.gap_base_iters} steps; "
+        + ", ".join(
+            f"{name} {row['val_loss'] - full['val_loss']:+.3f}"
+            for name, row in gap.items()
+            if not name.endswith(("epochs", "steps"))
+        )
+        + f" ({scale.epochs:g} epoch, against the same seed's fine-tuning).",
+        "",
+    ]
+    return lines
 
 
 def report_markdown(report: dict, args: argparse.Namespace) -> str:
@@ -847,12 +1085,13 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
     lines = [
         "# The paper's GPT-2 results in miniature",
         "",
-        f"Made by `python -m lab.miniature{' --quick' * args.quick}` on {describe_device(device)}, torch "
+        f"Made by `python -m lab.miniature{' --quick' * args.quick}{' --gap' * args.gap}"
+        f"{f' --lr-growth {args.lr_growth}' * bool(args.lr_growth)}` on {describe_device(device)}, torch "
         f"{torch.__version__}, {describe_dtype(device, args.dtype)}, {trained_on}. {len(runs)} "
         f"training runs took {train_s / 60:.1f} minutes, decoding and scoring {decode_s / 60:.1f}; the command "
         "took "
         + ", then ".join(
-            f"{i['wall_s'] / 60:.1f} minutes training {i['trained']} runs ({i['date']})"
+            f"{i['wall_s'] / 60:.1f} minutes training {i['trained']} runs{' of --gap' * i.get('gap', False)} ({i['date']})"
             for i in report["invocations"]
             if i["trained"]
         )
@@ -884,6 +1123,12 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         f"measures Table 1 (median of {scale.overhead_trials}; LoRA merged).",
         "",
         *seeds_table(t3),
+        "",
+        "Against fine-tuning, row by row: the paper's Table 3 (GPT-2 M, its BLEU) beside ours. A difference of our "
+        "means is *beyond* the spread when it exceeds the sum of the two methods' standard deviations over seeds, "
+        "else *within* it.",
+        "",
+        *beside_the_paper(t3),
         "",
         f"The runs of seed {full['seed']} alone, with their times and names:",
         "",
@@ -928,6 +1173,7 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         "",
         "![Fig. 2 in miniature](miniature-fig2.png)",
         "",
+        *(gap_section(report) if "gap" in report else []),
         "## Fig. 3 and Table 7: the subspaces of the r=8 and r=64 adapters (§7)",
         "",
         "φ(1, 1) between the top singular direction of the r=8 and the r=64 adapter's A (eq. 4; random "
@@ -1027,6 +1273,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     seed_help = "train.py's --seed for the base and every row: the same seed, CPU kind and torch give the same tables"
     parser.add_argument("--seed", type=int, default=1337, help=seed_help)
+    growth_help = "where a method's best learning rate is a grid's end, try up to N more beyond it (x2 or /2 each)"
+    parser.add_argument("--lr-growth", type=int, default=0, metavar="N", help=growth_help)
+    gap_help = "then measure what closes LoRA's gap to fine-tuning on the held-out MRs (epochs, rank, α, the base)"
+    parser.add_argument("--gap", action="store_true", help=gap_help)
     parser.add_argument("--shakespeare", help="a local copy of tiny Shakespeare (default: downloaded)")
     parser.add_argument("--e2e", help="a local folder with E2E's valid.txt and test.txt (default: downloaded)")
     parser.add_argument("--webnlg", help="a local copy of WebNLG 2017's dev.json (default: downloaded)")

@@ -116,19 +116,33 @@ def tables(doc: str) -> list[str]:
     return lines
 
 
+def test_a_learning_rate_beyond_the_grid_is_tried_where_the_best_is_at_its_end():
+    grid = (1e-3, 2e-3, 4e-3)
+    assert miniature.beyond_the_edge({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.45}, grid, 2) is None  # the best is inside
+    assert miniature.beyond_the_edge({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.3}, grid, 2) == 8e-3
+    assert miniature.beyond_the_edge({1e-3: 1.2, 2e-3: 1.4, 4e-3: 1.5}, grid, 2) == 5e-4
+    still_falling = {1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.3, 8e-3: 1.2, 1.6e-2: 1.1}
+    assert miniature.beyond_the_edge(still_falling, grid, 2) is None  # two were added on that side already
+    assert miniature.beyond_the_edge(still_falling, grid, 3) == 3.2e-2
+    assert miniature.beyond_the_edge({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.3, 8e-3: 1.35}, grid, 2) is None  # inside now
+    assert miniature.beyond_the_edge({1e-3: 1.0}, (1e-3,), 2) is None  # one candidate: no range to leave
+
+
 def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_and_resumes_one(tmp_path, capsys):
     out = str(tmp_path / "mini")
-    argv = ["--quick", "--out", out, "--doc", str(tmp_path / "docs" / "miniature.md"), *LOCAL, "--seed", "5"]
+    argv = ["--quick", "--out", out, "--doc", str(tmp_path / "docs" / "miniature.md"), *LOCAL, "--seed", "5", "--gap"]
     argv += ["--dtype", "bfloat16"]  # where attention is written out to train: choices that change numbers
     report = miniature.main(argv)
     printed = capsys.readouterr().out
     # base; Table 3: FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer at 1 lr each, the two LoRA at 2 lrs each, and
     # each of the 8 at a second seed; Table 5's Wq (Wq, Wv is Table 3's); Table 6's r = 8 and 64 (4 is Table 3's);
     # Fig. 2's one size not in Table 3 (PreLayer of 2)
-    n_runs = 1 + 6 + 2 + 2 + 8 + 1 + 2 + 1
+    # --gap: a base of 4 steps; FT and LoRA q,v longer, LoRA r=8 on every projection, α = 64, FT and LoRA q,v on it
+    n_runs = 1 + 6 + 2 + 2 + 8 + 1 + 2 + 1 + (1 + 2 + 1 + 1 + 2)
     assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
     doc = (tmp_path / "docs" / "miniature.md").read_text()
-    for heading in ("## The base", "## Table 3", "## Table 5", "## Table 6", "## Fig. 3 and Table 7", "## Commands"):
+    headings = ("## The base", "## Table 3", "## Table 5", "## Table 6", "## What closes", "## Fig. 3", "## Commands")
+    for heading in headings:
         assert heading in doc
     assert doc.count("python train.py ") == n_runs
     assert all(
@@ -147,7 +161,14 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     lora_row = f"| LoRA r=4 q,v | {t3['LoRA r=4 q,v']['trainable']:,} ("
     spread = next(line for line in doc.splitlines() if line.startswith(lora_row))
     assert spread.count(" ± ") == 4  # held-out loss and BLEU, test BLEU and NIST (no Java for the rest in --quick)
-    assert "- LoRA r=4 q,v: held-out loss " in doc and ("beyond the spread" in doc or "within it" in doc)
+    beside = next(line for line in doc.splitlines() if line.startswith("| LoRA r=4 q,v | 0.35M | 70.4 ± .1 | +2.2 | "))
+    assert beside.count(" (beyond) |") + beside.count(" (within) |") == 3  # test BLEU, held-out BLEU and loss
+    gap = report["gap"]
+    assert gap["LoRA r=8 q,k,v,o,mlp"]["trainable"] == 2 * 8 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
+    assert {row["lr"] for name, row in gap.items() if row["of"] == "fine-tuning"} == {t3["fine-tuning"]["lr"]}
+    longer = gap["LoRA r=4 q,v, 0.02 epochs"]  # 0.02 of 4,179 pairs in batches of 8: 11 steps, evaluated every 5
+    assert [step for step, _ in longer["curve"]] == [5, 10, 11] and "alpha 64" in gap["LoRA r=4 q,v, α = 64"]["command"]
+    assert "--base " + os.path.join(out, "base-4") in gap["fine-tuning, base of 4 steps"]["command"]
     per_block = {"FT^Top2": 12 * 32 * 32 + 13 * 32, "Adapter^L (small)": 2 * 32 + 2 * 32 * 6 + 6 + 32}
     per_block |= {"Adapter^H": 2 * (2 * 32 * 128 + 128 + 32), "PreLayer": 2 * 8 * 32}  # keys and values, 8 positions
     assert all(t3[name]["trainable"] == 2 * count for name, count in per_block.items())  # 2 blocks
@@ -158,7 +179,7 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
 
     # same seed, same result: another sweep into another folder writes the same tables
     again = str(tmp_path / "again")
-    miniature.main(["--quick", "--out", again, *LOCAL, "--seed", "5", "--dtype", "bfloat16"])
+    miniature.main(["--quick", "--out", again, *LOCAL, "--seed", "5", "--dtype", "bfloat16", "--gap"])
     with open(os.path.join(again, "miniature.md"), encoding="utf-8") as f:
         assert len(tables(doc)) > 30 and tables(f.read()) == tables(doc)
 
