@@ -166,8 +166,8 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     gap = report["gap"]
     assert gap["LoRA r=8 q,k,v,o,mlp"]["trainable"] == 2 * 8 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
     assert {row["lr"] for name, row in gap.items() if row["of"] == "fine-tuning"} == {t3["fine-tuning"]["lr"]}
-    longer = gap["LoRA r=4 q,v, 0.02 epochs"]  # 0.02 of 4,179 pairs in batches of 8: 11 steps, evaluated every 5
-    assert [step for step, _ in longer["curve"]] == [5, 10, 11] and "alpha 64" in gap["LoRA r=4 q,v, α = 64"]["command"]
+    longer = gap["LoRA r=4 q,v, 0.02 epochs"]  # 11 steps of 8 pairs; half an epoch, 261 steps, is past its end
+    assert [step for step, _ in longer["curve"]] == [0, 11] and "alpha 64" in gap["LoRA r=4 q,v, α = 64"]["command"]
     assert "--base " + os.path.join(out, "base-4") in gap["fine-tuning, base of 4 steps"]["command"]
     per_block = {"FT^Top2": 12 * 32 * 32 + 13 * 32, "Adapter^L (small)": 2 * 32 + 2 * 32 * 6 + 6 + 32}
     per_block |= {"Adapter^H": 2 * (2 * 32 * 128 + 128 + 32), "PreLayer": 2 * 8 * 32}  # keys and values, 8 positions
