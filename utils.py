@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,7 +25,7 @@ def add_hardware_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         "--dtype",
         default="auto",
         help=f"{dtype_use}: auto (bfloat16 on a GPU that has it, else float16; on a CPU, bfloat16 where it has AMX "
-        "or AVX512-BF16, else float32), float32, bfloat16, float16",
+        "or is an AMD with AVX512-BF16, else float32), float32, bfloat16, float16",
     )
 
 
@@ -55,20 +56,35 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """'AMD', 'Intel', or '' where the CPU's maker is not known: /proc/cpuinfo on Linux, else platform.processor()."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read(4096)
+    except OSError:
+        text = platform.processor()
+    return "AMD" if "AuthenticAMD" in text else "Intel" if "GenuineIntel" in text or "Intel" in text else ""
+
+
 def cpu_bf16_matmul() -> str | None:
-    """'AMX' or 'AVX512-BF16' where torch reports that this CPU multiplies bf16 matrices natively, else None."""
+    """'AMX' or 'AVX512-BF16' where a bf16 matmul is faster than an fp32 one on this CPU, else None. AMX: always.
+    AVX512-BF16 without AMX: on an AMD CPU, not on an Intel one. torch multiplies fp32 with MKL, bf16 with
+    oneDNN; MKL is slow on AMD, fast on Intel. Measured on 2 cores (docs/benchmarks.md): an AMD EPYC ran a
+    LoRA step of GPT-2 small 2.4x faster in bf16; an Intel Xeon with AVX512-BF16 but no AMX (hidden by its
+    hypervisor) multiplied 0.16 TFLOP/s in bf16 against 0.24-0.32 in fp32, and trained the miniature 1.8x
+    faster in fp32."""
     cpu = torch.cpu
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
         return "AMX"
-    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() and cpu_vendor() == "AMD":
         return "AVX512-BF16"
     return None
 
 
 def resolve_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     """The autocast dtype. 'auto': bfloat16 where CUDA supports it, else float16 (train with a
-    GradScaler); on a CPU, bfloat16 where it has native bf16 matmul (AMX, AVX512-BF16), else float32:
-    without it, bf16 matmuls are emulated and slower than fp32 ones."""
+    GradScaler); on a CPU, bfloat16 where its bf16 matmuls are the faster ones (cpu_bf16_matmul), else float32:
+    without AMX or AVX512-BF16, bf16 matmuls are emulated and slower than fp32 ones."""
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -88,6 +104,8 @@ def describe_dtype(device: str, dtype: str) -> str:
     elif device == "cpu":
         feature = cpu_bf16_matmul()
         why = f"the CPU has {feature}" if feature else "the CPU lacks AMX and AVX512-BF16"
+        if not feature and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            why = "AVX512-BF16 without AMX, not an AMD: fp32 matmuls are the faster ones"
     else:
         why = device
     return f"{chosen} (auto: {why})"

@@ -10,6 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import utils  # noqa: E402
 from lora import LoRALinear  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -19,10 +20,11 @@ torch.set_num_threads(1)
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
-# On a CPU, --dtype auto is bfloat16 where torch reports native bf16 matmuls (utils.cpu_bf16_matmul), else
+# On a CPU, --dtype auto is bfloat16 where its bf16 matmuls are the faster ones (utils.cpu_bf16_matmul), else
 # float32. FAKE_CPU_BF16=AMX, AVX512-BF16 or none runs the suite as on such a CPU: the answer torch gives
 # is faked in this process (scripts that a test runs as subprocesses see the real CPU).
 FAKE_CPU_BF16 = os.environ.get("FAKE_CPU_BF16")
+REAL_CPU_VENDOR = utils.cpu_vendor  # what the fake replaces, for the test of the real one
 
 
 def pytest_configure(config):
@@ -38,6 +40,7 @@ def cpu_bf16_matmul_as_asked():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: FAKE_CPU_BF16 == "AMX")
         patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: FAKE_CPU_BF16 == "AVX512-BF16")
+        patch.setattr(utils, "cpu_vendor", lambda: "AMD")  # where AVX512-BF16 alone makes auto bf16
         yield
 
 

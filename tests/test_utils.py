@@ -7,25 +7,41 @@ from torch import nn
 
 import bench
 import utils
-from conftest import TINY
+from conftest import REAL_CPU_VENDOR, TINY
 from model import GPT
 
 
 @pytest.mark.parametrize(
-    "amx, avx512_bf16, dtype, why",
+    "amx, avx512_bf16, vendor, dtype, why",
     [
-        (True, False, torch.bfloat16, "the CPU has AMX"),
-        (False, True, torch.bfloat16, "the CPU has AVX512-BF16"),
-        (False, False, torch.float32, "the CPU lacks AMX and AVX512-BF16"),
+        (True, False, "Intel", torch.bfloat16, "the CPU has AMX"),
+        (True, True, "Intel", torch.bfloat16, "the CPU has AMX"),
+        (False, True, "AMD", torch.bfloat16, "the CPU has AVX512-BF16"),
+        (False, True, "Intel", torch.float32, "AVX512-BF16 without AMX, not an AMD: fp32 matmuls are the faster ones"),
+        (False, True, "", torch.float32, "AVX512-BF16 without AMX, not an AMD: fp32 matmuls are the faster ones"),
+        (False, False, "AMD", torch.float32, "the CPU lacks AMX and AVX512-BF16"),
     ],
 )
-def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, amx, avx512_bf16, dtype, why):
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_its_bf16_matmuls_are_the_faster(
+    monkeypatch, amx, avx512_bf16, vendor, dtype, why
+):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(utils, "cpu_vendor", lambda: vendor)
     assert utils.resolve_dtype("cpu", "auto") == dtype
     assert utils.describe_dtype("cpu", "auto") == f"{str(dtype).removeprefix('torch.')} (auto: {why})"
     assert utils.resolve_dtype("cpu", "float32") == torch.float32  # asked for: never overridden
     assert utils.describe_dtype("cpu", "bfloat16") == "bfloat16"
+
+
+def test_the_cpus_vendor_is_read_from_proc_cpuinfo_or_else_the_platform(monkeypatch, tmp_path):
+    monkeypatch.setattr(utils, "cpu_vendor", REAL_CPU_VENDOR)  # FAKE_CPU_BF16 fakes it for the session
+    cpuinfo = tmp_path / "cpuinfo"
+    for text, vendor in [("vendor_id\t: AuthenticAMD\n", "AMD"), ("vendor_id\t: GenuineIntel\n", "Intel"), ("", "")]:
+        cpuinfo.write_text(text)
+        assert utils.cpu_vendor(str(cpuinfo)) == vendor
+    monkeypatch.setattr(utils.platform, "processor", lambda: "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD")
+    assert utils.cpu_vendor(str(tmp_path / "absent")) == "AMD"  # Windows: no /proc/cpuinfo
 
 
 def test_an_unknown_dtype_names_the_choices():
