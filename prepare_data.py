@@ -24,7 +24,9 @@ The last section reads a folder back for train.py (`open_data`, `load_split`), c
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import math
 import os
 import shutil
 import sys
@@ -45,10 +47,18 @@ LINES_PER_CHUNK = 2000  # text is tokenised in chunks of lines, for the progress
 DEFAULT_DATA = os.path.join("data", "shakespeare")  # train.py's --data, prepared on first use
 
 
-def load_encoding():
-    """tiktoken's GPT-2 BPE. It downloads two files once; offline, TIKTOKEN_CACHE_DIR must hold them."""
+TOKENIZER = "tokenizer.tiktoken"  # in a data or model folder: the trimmed BPE its token ids are in (trim_encoding)
+
+
+def load_encoding(folder: str | None = None):
+    """The BPE of a data or model folder: its trimmed GPT-2 BPE (TOKENIZER, written by trim_encoding's
+    users), else tiktoken's GPT-2 BPE. GPT-2's downloads two files once; offline, TIKTOKEN_CACHE_DIR must
+    hold them."""
     import tiktoken
 
+    if folder is not None and os.path.isfile(os.path.join(folder, TOKENIZER)):
+        with open(os.path.join(folder, TOKENIZER), encoding="ascii") as f:
+            return trimmed_encoding(f.read())
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # network errors come as many types; all mean the same to the user
@@ -56,6 +66,49 @@ def load_encoding():
             f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): connect once, or set "
             "TIKTOKEN_CACHE_DIR to a folder holding its cached files"
         ) from None
+
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken's gpt2
+
+
+def trimmed_encoding(tokenizer: str):
+    """The BPE of a TOKENIZER file's text (one `base64-token rank` a line): GPT-2's rules on fewer tokens."""
+    import tiktoken
+
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in tokenizer.splitlines())}
+    return tiktoken.Encoding(
+        "gpt2-trimmed", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={END_OF_TEXT: len(ranks)}
+    )
+
+
+def trim_encoding(texts: list[str]) -> str:
+    """GPT-2's BPE cut down to the tokens `texts` are made of, as a TOKENIZER file's text. A small model
+    trained from scratch never needs the rest of GPT-2's 50,257: each token's embedding and output row would
+    be parameters and arithmetic for a word it never sees. What is kept: the 256 bytes, every token of
+    `texts`, and every token BPE forms on the way to one (`pieces`), renumbered in GPT-2's merge order, so
+    `texts` split into the same tokens as with GPT-2's BPE and any other text still encodes (into smaller
+    pieces, down to bytes). <|endoftext|> comes last."""
+    gpt2 = load_encoding()
+    used = set().union(*(gpt2.encode(text, allowed_special={END_OF_TEXT}) for text in texts)) - {gpt2.eot_token}
+    kept = {bytes([b]) for b in range(256)}
+    for token in used:
+        kept |= pieces(gpt2.decode_single_token_bytes(token), gpt2._mergeable_ranks)
+    ranked = sorted(kept, key=gpt2._mergeable_ranks.__getitem__)
+    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranked))
+
+
+def pieces(token: bytes, ranks: dict[bytes, int]) -> set[bytes]:
+    """Every token byte-pair encoding forms while it builds `token` from its bytes (`token` included):
+    the pair of lowest rank is merged first, as tiktoken does. Within one token's bytes the merges are
+    those of the token alone, whatever surrounds it."""
+    parts, formed = [bytes([b]) for b in token], {token}
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1))
+        if rank == math.inf:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        formed.add(parts[i])
+    return formed
 
 
 def download(url: str, what: str) -> str:
@@ -162,9 +215,11 @@ def prepare(
     out_dir: str = "data",
     val_fraction: float = 0.1,
     val_path: str | None = None,
+    tokenizer: str | None = None,
 ) -> str:
     """Tokenise `input_path` (tiny Shakespeare when None) into `out_dir/name/`; the validation split
-    is `val_path` when given, else the end of the input. Returns the folder."""
+    is `val_path` when given, else the end of the input. With GPT-2's BPE, or with `tokenizer` (a
+    TOKENIZER file's text, trim_encoding's), which the folder then keeps. Returns the folder."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if not name or name in (".", "..") or any(sep and sep in name for sep in (os.sep, os.altsep)):
@@ -176,8 +231,10 @@ def prepare(
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag}{path} is a file, not a folder: remove it or choose another --out-dir or --name")
     train = read_source(input_path)
-    arrays, meta = tokenize(train, read_source(val_path, "--val-input ") if val_path else None, format, val_fraction)
-    write_folder(folder, arrays, meta)
+    encoding = trimmed_encoding(tokenizer) if tokenizer else load_encoding()
+    val = read_source(val_path, "--val-input ") if val_path else None
+    arrays, meta = tokenize(train, val, format, val_fraction, encoding)
+    write_folder(folder, arrays, meta, texts={TOKENIZER: tokenizer} if tokenizer else None)
     return folder
 
 
@@ -188,22 +245,21 @@ def prepare_e2e(out_dir: str = "data", name: str = "e2e") -> str:
         split: (download(E2E_URL.format(split=split), f"E2E's {split}.txt"), E2E_URL.format(split=split))
         for split in ("train", "valid", "test")
     }
-    arrays, meta = tokenize(sources["train"], sources["valid"], "pairs", 0.1)
+    arrays, meta = tokenize(sources["train"], sources["valid"], "pairs", 0.1, load_encoding())
     folder = os.path.join(out_dir, name)
     write_folder(folder, arrays, meta, texts={"test.txt": sources["test"][0]})
     return folder
 
 
 def tokenize(
-    train: tuple[str, str], val: tuple[str, str] | None, format: str, val_fraction: float
+    train: tuple[str, str], val: tuple[str, str] | None, format: str, val_fraction: float, encoding
 ) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays of a data folder and its meta.json, from (text, source) of the training input and
-    of the validation input (None: the end of the training input is held out)."""
-    encoding = load_encoding()
+    of the validation input (None: the end of the training input is held out), in `encoding`'s tokens."""
     assert encoding.n_vocab <= np.iinfo(np.uint16).max + 1, "token ids must fit in uint16"
     meta = {
         "format": format,
-        "tokenizer": "gpt2",
+        "tokenizer": encoding.name,
         "vocab_size": encoding.n_vocab,
         "eot_token": encoding.eot_token,
         "source": train[1],

@@ -21,6 +21,7 @@ import time
 import tiktoken
 import torch
 
+import prepare_data
 from lora import load_adapter, merge_lora, read_adapter
 from model import GPT
 from utils import add_hardware_flags, for_inference, read_text, resolve_device, resolve_dtype, synchronize
@@ -103,13 +104,20 @@ def read_prompt(text: str) -> str:
     return read_text(text.removeprefix("FILE:"), "--prompt FILE:")
 
 
-def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, list[list[int]]]:
-    """GPT-2's BPE, and each text's tokens (its last block_size tokens if it is longer)."""
-    encoding = tiktoken.get_encoding("gpt2")
+def model_encoding(model: GPT) -> tiktoken.Encoding:
+    """The BPE a model reads: its folder's trimmed one (prepare_data.TOKENIZER), else GPT-2's."""
+    encoding = prepare_data.load_encoding(model.name_or_path if os.path.isdir(model.name_or_path) else None)
     if model.config.vocab_size < encoding.n_vocab:
         raise ValueError(
-            f"the base's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's BPE ({encoding.n_vocab})"
+            f"the base's vocabulary ({model.config.vocab_size}) is smaller than its BPE's ({encoding.n_vocab}): "
+            f"{model.name_or_path} lacks the {prepare_data.TOKENIZER} it was trained with"
         )
+    return encoding
+
+
+def encode_prompts(model: GPT, texts: list[str]) -> tuple[tiktoken.Encoding, list[list[int]]]:
+    """The model's BPE, and each text's tokens (its last block_size tokens if it is longer)."""
+    encoding = model_encoding(model)
     prompts, window = [], model.config.block_size
     for i, text in enumerate(texts):
         tokens = encoding.encode(text, allowed_special={"<|endoftext|>"})

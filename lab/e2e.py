@@ -58,7 +58,7 @@ def load_run(run_dir: str, base: str | None) -> tuple[GPT, str]:
 
 def decode(model: GPT, contexts: list[str], batch_size: int, max_new_tokens: int, **beam) -> list[str]:
     """One line of text per context: beam search from `context ||`, batch_size contexts at a time."""
-    encoding = prepare_data.load_encoding()
+    encoding = sample.model_encoding(model)
     separator = encoding.encode_ordinary(prepare_data.PAIR_SEPARATOR)
     prompts = [encoding.encode_ordinary(context) + separator for context in contexts]
     outputs = []

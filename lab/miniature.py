@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import prepare_data
+import sample
 import train
 from bench import describe_device, timed
 from lab import command_line
@@ -195,8 +196,8 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
     A training pair longer than the base's context (`block_size` + 1 tokens: a row holds all
     but the last) is left out. Raises if the pre-training text holds anything of the test split."""
     train_lines, held_lines = split_pairs(sources["valid"])
-    encoding = prepare_data.load_encoding()
-    fits = [line for line in train_lines if example_length(line, encoding) <= block_size + 1]
+    gpt2 = prepare_data.load_encoding()
+    fits = [line for line in train_lines if example_length(line, gpt2) <= block_size + 1]
     print(f"{len(train_lines) - len(fits)} of the {len(train_lines)} training pairs are longer than the context")
     train_lines = fits
     text = pretraining_text(sources, train_lines, held_lines)
@@ -213,13 +214,22 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
         "test.txt": "\n".join(e2e_test_lines(sources)),  # as it is: scored against the real references
         "train-names.txt": "\n".join(sorted({parse_mr(line.split("||", 1)[0])["name"] for line in train_lines})),
     }
+    # the base's vocabulary: GPT-2's BPE trimmed to the tokens of the pre-training text and of the training
+    # split's pairs, split as prepare_data.py splits them (prepare_data.trim_encoding); nothing of the test split
+    pairs = [line.split("||", 1) for line in delexicalised_lines(train_lines + held_lines)]
+    parts = [prepare_data.PAIR_SEPARATOR] + [p for context, target in pairs for p in (context, " " + target)]
+    tokenizer = prepare_data.trim_encoding([files["pretrain.txt"], files["held-out-sentences.txt"], *parts])
     os.makedirs(folder, exist_ok=True)
     for name, content in files.items():
         with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(content.rstrip("\n") + "\n")
     path = {name: os.path.join(folder, name) for name in files}
-    prepare_data.prepare(path["pretrain.txt"], "pretrain", out_dir=folder, val_path=path["held-out-sentences.txt"])
-    prepare_data.prepare(path["train-pairs.txt"], "e2e", "pairs", out_dir=folder, val_path=path["held-out-pairs.txt"])
+    for name, text_or_pairs, val in (
+        ("pretrain", "text", "held-out-sentences.txt"),
+        ("e2e", "pairs", "held-out-pairs.txt"),
+    ):
+        source = path["pretrain.txt" if name == "pretrain" else "train-pairs.txt"]
+        prepare_data.prepare(source, name, text_or_pairs, out_dir=folder, val_path=path[val], tokenizer=tokenizer)
 
 
 # ---- 2. the base -----------------------------------------------------------------------------------------
@@ -245,7 +255,7 @@ def end_of_text(model, texts: list[str]) -> float:
     an <|endoftext|>), or a `context||target` pair read as prepare_data.py stores it. GPT-2 ends a text by
     predicting it (its pre-training put it between documents); a base that never saw it gives it next to
     no probability, and fine-tuning must then teach a target's end from nothing."""
-    encoding = prepare_data.load_encoding()
+    encoding = sample.model_encoding(model)
     eot, separator = encoding.eot_token, encoding.encode_ordinary(prepare_data.PAIR_SEPARATOR)
     device, losses = model.transformer.wte.weight.device, []
     model.eval()
@@ -282,7 +292,7 @@ class Scale:
     lora_lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-2)
     adapter_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # Adapter^H and Adapter^L
     prefix_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # PreLayer, trained directly (no reparametrisation)
-    lr_growth: int = 0  # candidates that may be added beyond either end of a grid, where the best one is (--lr-growth)
+    lr_growth: int = 1  # candidates that may be added beyond either end of a grid, where the best one is (--lr-growth)
     seeds: int = 3  # Table 3: each method trained this many times at its learning rate (--seed, --seed + 1, ...)
     fig2_sizes: tuple[tuple[int, ...], ...] = ((8, 32, 128), (6, 32, 256), (2, 8, 32))  # FIG2's, in its order
     table5_rows: tuple[str, ...] | None = None  # TABLE5's rows to train; None: all
@@ -303,7 +313,7 @@ QUICK = Scale(
     full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, overhead_trials=2,
     gap_epochs=0.02, gap_ranks=(8,), gap_alphas=(64,), gap_base_iters=4,
     fig2_sizes=((128,), (6,), (2,)), table5_rows=("Wq", "Wq, Wv"), table6_ranks=(4, 8, 64), test_mrs=4,
-    num_beams=2, max_new_tokens=12, java=False,
+    num_beams=2, max_new_tokens=12, java=False, lr_growth=0,
 )  # fmt: skip
 
 
@@ -322,9 +332,10 @@ class Row:
 
 
 ALPHA, LORA_DROPOUT = 32, 0.1  # the paper's E2E setting (Table 11)
-# Table 3 (§5.1's baselines, scaled as the paper's are to GPT-2 M: LoRA q,v r=4 is 16,384 parameters, 0.1% of the
-# base's 16M, as 0.35M is of 355M; the small Adapter^L and PreLayer at about that budget, the large adapters at
-# about 3% of the base, as 11.09M is of 355M; FT^Top2, the last 2 of 4 blocks)
+# Table 3 (§5.1's baselines at the paper's sizes where the miniature allows: LoRA q,v r=4 is 16,384 parameters, 0.2%
+# of the base's 7.3M (the paper's 0.35M is 0.1% of 355M; r=4 at d = 256 cannot be less); the small Adapter^L and
+# PreLayer at about that budget, the large adapters at 7% of the base (the paper's 11.09M is 3%); FT^Top2, the last
+# 2 of 4 blocks)
 TABLE3 = {
     "fine-tuning": Row(),
     "FT^Top2": Row(method="ft-top=2"),
@@ -471,6 +482,8 @@ def train_row(argv: list[str]) -> dict:
             os.remove(os.path.join(folder, stale))
     started = time.time()
     model = train.main(argv + ["--resume" if resume else "--overwrite"])
+    tokenizer = os.path.join(argv[argv.index("--data") + 1], prepare_data.TOKENIZER)
+    shutil.copy(tokenizer, folder)  # the BPE its model reads (sample.model_encoding): the base's, the data's
     with open(os.path.join(folder, "log.jsonl")) as f:
         log = [json.loads(line) for line in f if line.strip()]
     record = {
@@ -556,7 +569,7 @@ def sweep(args: argparse.Namespace) -> dict:
     """Data, base, then the rows of Tables 3, 5 and 6 (each trained unless complete, then decoded unless
     decoded); returns what the report shows."""
     scale, out, started = QUICK if args.quick else Scale(), args.out, time.time()
-    scale = replace(scale, lr_growth=args.lr_growth)
+    scale = scale if args.lr_growth is None else replace(scale, lr_growth=args.lr_growth)
     device = resolve_device(args.device)
     resolve_dtype(device, args.dtype)  # a bad --dtype fails before any work
     hardware = [] if (args.device, args.dtype) == ("auto", "auto") else ["--device", args.device, "--dtype", args.dtype]
@@ -1086,7 +1099,7 @@ def report_markdown(report: dict, args: argparse.Namespace) -> str:
         "# The paper's GPT-2 results in miniature",
         "",
         f"Made by `python -m lab.miniature{' --quick' * args.quick}{' --gap' * args.gap}"
-        f"{f' --lr-growth {args.lr_growth}' * bool(args.lr_growth)}` on {describe_device(device)}, torch "
+        f"{f' --lr-growth {args.lr_growth}' * (args.lr_growth is not None)}` on {describe_device(device)}, torch "
         f"{torch.__version__}, {describe_dtype(device, args.dtype)}, {trained_on}. {len(runs)} "
         f"training runs took {train_s / 60:.1f} minutes, decoding and scoring {decode_s / 60:.1f}; the command "
         "took "
@@ -1273,8 +1286,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     seed_help = "train.py's --seed for the base and every row: the same seed, CPU kind and torch give the same tables"
     parser.add_argument("--seed", type=int, default=1337, help=seed_help)
-    growth_help = "where a method's best learning rate is a grid's end, try up to N more beyond it (x2 or /2 each)"
-    parser.add_argument("--lr-growth", type=int, default=0, metavar="N", help=growth_help)
+    growth_help = (
+        "where a method's best learning rate is a grid's end, try up to N more beyond it (x2 or /2 each; "
+        f"default {Scale.lr_growth}, 0 for --quick)"
+    )
+    parser.add_argument("--lr-growth", type=int, metavar="N", help=growth_help)
     gap_help = "then measure what closes LoRA's gap to fine-tuning on the held-out MRs (epochs, rank, α, the base)"
     parser.add_argument("--gap", action="store_true", help=gap_help)
     parser.add_argument("--shakespeare", help="a local copy of tiny Shakespeare (default: downloaded)")

@@ -89,6 +89,7 @@ def test_end_of_text_reads_a_sentence_as_a_document_and_a_pair_as_prepare_data_s
 
     class Ender(torch.nn.Module):  # logit 10 on <|endoftext|>, 0 elsewhere: -log p = log(1 + 50256 / e^10)
         config, transformer = GPTConfig(), GPT(GPTConfig(n_layer=1, n_head=1, n_embd=4)).transformer
+        name_or_path = "scratch"  # GPT-2's BPE
 
         def hidden_states(self, x):
             seen.append(x[0].tolist())

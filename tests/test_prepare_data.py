@@ -1,9 +1,11 @@
+import base64
 import json
 import os
 import urllib.request
 
 import numpy as np
 import pytest
+import tiktoken
 
 import prepare_data
 from conftest import ROOT
@@ -155,3 +157,75 @@ def test_val_input_replaces_the_held_out_share(tmp_path, encoding):
     )
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert (meta["train_examples"], meta["val_examples"], meta["val_source"]) == (2, 1, str(tmp_path / "val.txt"))
+
+
+TEXTS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.<|endoftext|>All:\nSpeak, speak.\n",
+    "name : X-name | eatType : coffee shop | food : Japanese",
+    " ||",
+    " X-name is a Japanese coffee shop in the riverside area near X-near.",
+]
+
+
+def test_a_trimmed_bpe_splits_its_texts_as_gpt2_does_and_still_encodes_any_other(encoding):
+    trimmed = prepare_data.trimmed_encoding(prepare_data.trim_encoding(TEXTS))
+    tricky = "It's 2024 -- they'll say:  'no'   \n\n  x\t\ty  123456 wow!!!   "
+    same_rules = tiktoken.Encoding(
+        "r", pat_str=prepare_data.GPT2_PATTERN, mergeable_ranks=encoding._mergeable_ranks, special_tokens={}
+    )
+    assert same_rules.encode(tricky) == encoding.encode(tricky)  # GPT-2's pre-tokenisation, copied once
+    for text in TEXTS:  # the same tokens, renumbered
+        tokens = trimmed.encode(text, allowed_special={prepare_data.END_OF_TEXT})
+        gpt2 = encoding.encode(text, allowed_special={prepare_data.END_OF_TEXT})
+        assert [trimmed.decode_single_token_bytes(t) for t in tokens] == [
+            encoding.decode_single_token_bytes(t) for t in gpt2
+        ]
+    used = set().union(*(encoding.encode(t, allowed_special={prepare_data.END_OF_TEXT}) for t in TEXTS))
+    assert len(used) < trimmed.n_vocab < 256 + 3 * len(used)  # the bytes, the tokens, the pieces BPE builds them from
+    assert trimmed.eot_token == trimmed.n_vocab - 1
+    other = "Zebras quizzically juxtapose Björk's naïve façade"
+    assert trimmed.decode(trimmed.encode(other)) == other  # smaller pieces, down to bytes
+    assert len(trimmed.encode(other)) > len(encoding.encode(other))
+
+
+def test_without_the_pieces_bpe_forms_on_the_way_a_word_splits_otherwise(encoding):
+    ranks, word = encoding._mergeable_ranks, " Zizzi"  # a word of several tokens: BPE merges from its bytes
+    gpt2 = [encoding.decode_single_token_bytes(t) for t in encoding.encode(word)]
+    assert len(gpt2) > 1
+
+    def bpe(kept: set[bytes]) -> list[bytes]:
+        kept = kept | {bytes([b]) for b in range(256)}
+        lines = [f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(sorted(kept, key=ranks.get))]
+        trimmed = prepare_data.trimmed_encoding("".join(lines))
+        return [trimmed.decode_single_token_bytes(t) for t in trimmed.encode(word)]
+
+    assert bpe(set(gpt2)) != gpt2  # its tokens alone: BPE cannot reach them
+    assert bpe(set().union(*(prepare_data.pieces(t, ranks) for t in gpt2))) == gpt2  # with the pieces: GPT-2's split
+
+
+def test_a_folder_prepared_with_a_trimmed_bpe_keeps_it_and_models_read_it(tmp_path, encoding):
+    tokenizer = prepare_data.trim_encoding(TEXTS)
+    source = tmp_path / "text.txt"
+    source.write_text(TEXTS[0] * 30)
+    folder = prepare_data.prepare(str(source), "trimmed", out_dir=str(tmp_path), tokenizer=tokenizer)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    trimmed = prepare_data.load_encoding(folder)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == (
+        "gpt2-trimmed",
+        trimmed.n_vocab,
+        trimmed.eot_token,
+    )
+    tokens = np.concatenate([read(folder, "train.bin", np.uint16), read(folder, "val.bin", np.uint16)]).tolist()
+    assert trimmed.decode(tokens) == TEXTS[0] * 30
+    assert max(tokens) < trimmed.n_vocab
+
+    import sample
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=trimmed.n_vocab, n_layer=1, n_head=1, n_embd=8))
+    model.save_pretrained(str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=f"lacks the {prepare_data.TOKENIZER} it was trained with"):
+        sample.model_encoding(GPT.from_pretrained(str(tmp_path / "base")))  # GPT-2's 50,257 do not fit
+    os.replace(os.path.join(folder, prepare_data.TOKENIZER), tmp_path / "base" / prepare_data.TOKENIZER)
+    _, prompts = sample.encode_prompts(GPT.from_pretrained(str(tmp_path / "base")), ["First Citizen:"])
+    assert prompts == [trimmed.encode("First Citizen:")]
