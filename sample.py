@@ -109,8 +109,8 @@ def model_encoding(model: GPT) -> tiktoken.Encoding:
     encoding = prepare_data.load_encoding(model.name_or_path if os.path.isdir(model.name_or_path) else None)
     if model.config.vocab_size < encoding.n_vocab:
         raise ValueError(
-            f"the base's vocabulary ({model.config.vocab_size}) is smaller than its BPE's ({encoding.n_vocab}): "
-            f"{model.name_or_path} lacks the {prepare_data.TOKENIZER} it was trained with"
+            f"the base's vocabulary ({model.config.vocab_size}) is smaller than its BPE's ({encoding.n_vocab}: "
+            f"{encoding.name}); a model trained on a trimmed BPE keeps it in its folder ({prepare_data.TOKENIZER})"
         )
     return encoding
 

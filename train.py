@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 import zipfile
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from lora import DEFAULT_TARGETS, VARIANTS, LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
-from prepare_data import DEFAULT_DATA, Split, check_token_ids, load_split, open_data
+from prepare_data import DEFAULT_DATA, TOKENIZER, Split, check_token_ids, load_split, open_data
 from utils import (
     add_hardware_flags,
     atomic_path,
@@ -372,7 +373,13 @@ def product(args: argparse.Namespace) -> tuple[str, Callable[[GPT, str], None]]:
         return "method.safetensors", importlib.import_module("lab.methods").save_method
     if args.rank > 0:
         return "adapter.safetensors", save_adapter
-    return "model.safetensors", lambda model, path: model.save_pretrained(os.path.dirname(path))
+
+    def save_model(model: GPT, path: str) -> None:
+        model.save_pretrained(os.path.dirname(path))
+        if os.path.isfile(os.path.join(args.data, TOKENIZER)):  # a trimmed BPE (lab.miniature): the model reads it
+            shutil.copy(os.path.join(args.data, TOKENIZER), os.path.dirname(path))
+
+    return "model.safetensors", save_model
 
 
 def read_train_state(path: str, settings: dict, world_size: int) -> dict:

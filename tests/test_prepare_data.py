@@ -8,7 +8,10 @@ import pytest
 import tiktoken
 
 import prepare_data
+import sample
+import train
 from conftest import ROOT
+from model import GPT, GPTConfig
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
@@ -219,13 +222,12 @@ def test_a_folder_prepared_with_a_trimmed_bpe_keeps_it_and_models_read_it(tmp_pa
     assert trimmed.decode(tokens) == TEXTS[0] * 30
     assert max(tokens) < trimmed.n_vocab
 
-    import sample
-    from model import GPT, GPTConfig
-
     model = GPT(GPTConfig(block_size=16, vocab_size=trimmed.n_vocab, n_layer=1, n_head=1, n_embd=8))
-    model.save_pretrained(str(tmp_path / "base"))
-    with pytest.raises(ValueError, match=f"lacks the {prepare_data.TOKENIZER} it was trained with"):
-        sample.model_encoding(GPT.from_pretrained(str(tmp_path / "base")))  # GPT-2's 50,257 do not fit
-    os.replace(os.path.join(folder, prepare_data.TOKENIZER), tmp_path / "base" / prepare_data.TOKENIZER)
+    model.save_pretrained(str(tmp_path / "bare"))
+    with pytest.raises(ValueError, match=rf"smaller than its BPE's \(50257: gpt2\); .* \({prepare_data.TOKENIZER}\)"):
+        sample.model_encoding(GPT.from_pretrained(str(tmp_path / "bare")))  # GPT-2's 50,257 do not fit
+    tiny = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "16", "--batch-size", "2"]
+    run = ["--base", "scratch", "--rank", "0", *tiny, "--max-iters", "1", "--eval-iters", "1", "--device", "cpu"]
+    train.main([*run, "--dtype", "float32", "--data", folder, "--run-dir", str(tmp_path / "base")])
     _, prompts = sample.encode_prompts(GPT.from_pretrained(str(tmp_path / "base")), ["First Citizen:"])
-    assert prompts == [trimmed.encode("First Citizen:")]
+    assert prompts == [trimmed.encode("First Citizen:")]  # the run's folder keeps its data's BPE
