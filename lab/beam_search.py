@@ -121,9 +121,17 @@ def beam_search(
         go_on = torch.tensor(go_on, device=device)
         seqs, scores = seqs[go_on], scores[go_on]
         rows = (beams[go_on] + go_on[:, None] * K).view(-1)  # cache rows to keep, in their new order
-        for c in caches:
-            c.k, c.v = c.k[rows], c.v[rows]
+        for c in caches:  # only the positions filled so far: a buffer of max_new_tokens is mostly empty
+            c.k, c.v = (reordered(t, rows, c.length) for t in (c.k, c.v))
         x = model.hidden_states(seqs.view(len(active) * K, T)[:, filled - 1 : filled], caches)[:, -1]
+
+
+def reordered(buffer: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """A new KV-cache buffer (len(rows), nh, max_length, hs) holding buffer's `rows`, in that order, for the
+    first `length` positions (the rest is never read before it is written)."""
+    new = buffer.new_empty(len(rows), *buffer.shape[1:])
+    torch.index_select(buffer[:, :, :length], 0, rows, out=new[:, :, :length])
+    return new
 
 
 def ban_repeated_ngrams(seqs: torch.Tensor, logp: torch.Tensor, n: int) -> None:
