@@ -224,12 +224,12 @@ def write_data(sources: dict[str, str], folder: str, block_size: int) -> None:
         with atomic_path(os.path.join(folder, name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(content.rstrip("\n") + "\n")
     path = {name: os.path.join(folder, name) for name in files}
-    for name, text_or_pairs, val in (
-        ("pretrain", "text", "held-out-sentences.txt"),
-        ("e2e", "pairs", "held-out-pairs.txt"),
-    ):
-        source = path["pretrain.txt" if name == "pretrain" else "train-pairs.txt"]
-        prepare_data.prepare(source, name, text_or_pairs, out_dir=folder, val_path=path[val], tokenizer=tokenizer)
+    held_out = path["held-out-sentences.txt"]
+    prepare_data.prepare(path["pretrain.txt"], "pretrain", out_dir=folder, val_path=held_out, tokenizer=tokenizer)
+    held_out = path["held-out-pairs.txt"]
+    prepare_data.prepare(
+        path["train-pairs.txt"], "e2e", "pairs", out_dir=folder, val_path=held_out, tokenizer=tokenizer
+    )
 
 
 # ---- 2. the base -----------------------------------------------------------------------------------------
