@@ -24,7 +24,8 @@ and Figs. 2 and 3 on E2E NLG, from one command.
    are decoded greedily. Every decoding is scored with the challenge's metrics (lab.e2e_metrics).
 4. **The analysis** (§7): φ between the r=8 and r=64 adapters (Fig. 3), ΔW against W (Table 7).
 5. **The gap** (--gap, after the sweep and timed apart): where LoRA trails fine-tuning on the held-out MRs,
-   Table 3's rows trained longer, LoRA at other ranks, targets and α, and both on a base of less pre-training.
+   Table 3's rows trained longer, LoRA at other ranks, targets and α, and both on a base of less pre-training
+   and on one of fewer blocks.
 
 Output: --out/miniature.md (and its plots), copied to --doc (docs/miniature.md for the full sweep).
 """
@@ -304,6 +305,7 @@ class Scale:
     gap_ranks: tuple[int, ...] = (64,)  # ... LoRA on every projection at these ranks
     gap_alphas: tuple[int, ...] = (128,)  # ... LoRA r=4 q,v at these α (Table 3's: ALPHA)
     gap_base_iters: int = 400  # ... on a base pre-trained this many steps (Table 3's: base_iters)
+    gap_base_layers: int = 2  # ... on a base of this many blocks, pre-trained as Table 3's (Table 3's: n_layer)
     overhead_trials: int = 20  # Table 3's latency column: forward passes of 1 × 128 timed per method
     test_mrs: int | None = None  # decode the first N test MRs; None: all 630
     num_beams: int = 10
@@ -314,7 +316,7 @@ class Scale:
 QUICK = Scale(
     n_layer=2, n_head=2, n_embd=32, base_iters=8, base_batch=4, epochs=0.01, eval_iters=2, curve_points=2,
     full_lrs=(1e-3,), lora_lrs=(4e-3, 8e-3), adapter_lrs=(2e-3,), prefix_lrs=(1e-2,), seeds=2, overhead_trials=2,
-    gap_epochs=0.02, gap_ranks=(8,), gap_alphas=(64,), gap_base_iters=4,
+    gap_epochs=0.02, gap_ranks=(8,), gap_alphas=(64,), gap_base_iters=4, gap_base_layers=1,
     fig2_sizes=((128,), (6,), (2,)), table5_rows=("Wq", "Wq, Wv"), table6_ranks=(4, 8, 64), test_mrs=4,
     num_beams=2, max_new_tokens=12, java=False, lr_growth=0,
 )  # fmt: skip
@@ -356,7 +358,7 @@ TABLE5 |= {"Wq, Wv": Row(4, "q,v"), "Wq, Wk, Wv, Wo": Row(2, "q,k,v,o")}
 # each at its Table 3 learning rate (the Table 3 size is among them, trained once)
 FIG2 = {"Adapter^H": "adapter-h", "Adapter^L": "adapter-l", "PreLayer": "prefix"}
 # What closes the held-out gap (--gap, see gap_rows): the methods trained longer, and those trained on a base of less
-# pre-training
+# pre-training or fewer blocks
 GAP_METHODS = ("fine-tuning", "LoRA r=4 q,v")
 
 
@@ -432,15 +434,26 @@ def finetune_argv(
     return as_argv(flags | varied[1])
 
 
-def base_argv(scale: Scale, out: str, seed: int, iters: int | None = None, folder: str = "base") -> list[str]:
-    """train.py's arguments for the base: from scratch (random weights), every weight trained, for `iters` steps
-    (default: the scale's)."""
-    iters = iters or scale.base_iters
-    flags = dict(base="scratch", rank=0, n_layer=scale.n_layer, n_head=scale.n_head, n_embd=scale.n_embd, seed=seed)
+def base_argv(
+    scale: Scale, out: str, seed: int, iters: int | None = None, n_layer: int | None = None, folder: str = "base"
+) -> list[str]:
+    """train.py's arguments for the base: from scratch (random weights), every weight trained, for `iters` steps,
+    `n_layer` blocks (default: the scale's)."""
+    iters, n_layer = iters or scale.base_iters, n_layer or scale.n_layer
+    flags = dict(base="scratch", rank=0, n_layer=n_layer, n_head=scale.n_head, n_embd=scale.n_embd, seed=seed)
     flags |= dict(block_size=scale.block_size, batch_size=scale.base_batch, grad_accum=1, max_iters=iters)
     flags |= dict(lr=scale.base_lr, warmup_iters=max(1, iters // 12), eval_interval=max(1, iters // 6))
     flags |= dict(eval_iters=20, data=os.path.join(out, "data", "pretrain"), run_dir=os.path.join(out, folder))
     return as_argv(flags)
+
+
+def gap_bases(scale: Scale) -> dict[str, tuple[str, dict]]:
+    """The bases --gap also fine-tunes on, each Table 3's base with one setting changed: what it is -> (its
+    folder, base_argv's changes)."""
+    return {
+        f"{scale.gap_base_iters}-step": (f"base-{scale.gap_base_iters}", dict(iters=scale.gap_base_iters)),
+        f"{scale.gap_base_layers}-block": (f"base-{scale.gap_base_layers}blocks", dict(n_layer=scale.gap_base_layers)),
+    }
 
 
 def gap_rows(scale: Scale, out: str, meta: dict) -> dict[str, tuple[str, Row, tuple[str, dict]]]:
@@ -448,7 +461,6 @@ def gap_rows(scale: Scale, out: str, meta: dict) -> dict[str, tuple[str, Row, tu
     method it varies, trained at that method's learning rate; its row; finetune_argv's `varied`)."""
     epoch = math.ceil(meta["train_examples"] / scale.batch_size)  # steps
     longer = ("-epochs" + f"{scale.gap_epochs:g}", dict(epochs=scale.gap_epochs, eval_interval=max(1, epoch // 2)))
-    base = os.path.join(out, f"base-{scale.gap_base_iters}")
     rows = {f"{method}, {scale.gap_epochs:g} epochs": (method, TABLE3[method], longer) for method in GAP_METHODS}
     rows |= {
         f"LoRA r={r} q,k,v,o,mlp": ("LoRA r=4 q,k,v,o,mlp", Row(r, "q,k,v,o,mlp"), ("", {})) for r in scale.gap_ranks
@@ -458,11 +470,12 @@ def gap_rows(scale: Scale, out: str, meta: dict) -> dict[str, tuple[str, Row, tu
         for alpha in scale.gap_alphas
     }
     rows |= {
-        f"{method}, base of {scale.gap_base_iters} steps": (
+        f"{method}, {name} base": (
             method,
             TABLE3[method],
-            (f"-base{scale.gap_base_iters}", dict(base=base)),
+            ("-" + folder.replace("-", ""), dict(base=os.path.join(out, folder))),
         )
+        for name, (folder, _) in gap_bases(scale).items()
         for method in GAP_METHODS
     }
     return rows
@@ -593,7 +606,7 @@ def sweep(args: argparse.Namespace) -> dict:
         folder_name(r, 0) for r in TABLE3.values()
     }
     total = 1 + sum(len(learning_rates(scale, row)) + scale.seeds - 1 for row in TABLE3.values()) + len(later)
-    total += (1 + len(gap_rows(scale, out, meta))) if args.gap else 0
+    total += (len(gap_bases(scale)) + len(gap_rows(scale, out, meta))) if args.gap else 0
     report, trained = {"scale": scale, "out": out, "runs": {}, "tuning": {}, "table3": {}}, []
     report["epoch_steps"] = math.ceil(meta["train_examples"] / scale.batch_size)
 
@@ -673,7 +686,10 @@ def sweep(args: argparse.Namespace) -> dict:
     invocation = dict(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=time.time() - started, trained=len(trained))
     if args.gap:  # what closes the gap: after the sweep, timed apart from it
         gap_started, swept = time.time(), len(trained)
-        report["gap_base"] = run(base_argv(scale, out, args.seed, scale.gap_base_iters, f"base-{scale.gap_base_iters}"))
+        report["gap_bases"] = {
+            name: run(base_argv(scale, out, args.seed, folder=folder, **changes))
+            for name, (folder, changes) in gap_bases(scale).items()
+        }
         report["gap"] = {}
         for name, (method, row, varied) in gap_rows(scale, out, meta).items():
             lr = report["table3"][method]["lr"]
@@ -901,7 +917,7 @@ def minutes(report: dict, decodes: dict[tuple[str, str], float]) -> list[str]:
     the minutes go."""
     t3, runs = report["table3"], report["runs"]
     chosen = {r["folder"] for row in t3.values() for r in seeded(row)}  # each method at its lr, every seed
-    gap = {row["folder"] for row in report.get("gap", {}).values()} | {report.get("gap_base", {}).get("folder")}
+    gap = {row["folder"] for rows in ("gap", "gap_bases") for row in report.get(rows, {}).values()}
     sweep_runs = {folder: run for folder, run in runs.items() if folder not in gap}
     sweep_decodes = {key: s for key, s in decodes.items() if key[0] not in gap}
     table3 = sum(runs[f]["train_s"] for f in chosen) + sum(s for (f, _), s in sweep_decodes.items() if f in chosen)
@@ -1025,10 +1041,12 @@ def gap_section(report: dict) -> list[str]:
         "",
         "Table 3's rows varied one setting at a time (`--gap`), each at its Table 3 learning rate, seed "
         f"{report['base']['seed']}: trained {scale.gap_epochs:g} epochs (the held-out loss every half epoch, the "
-        "learning rate decaying over all of them); LoRA at other ranks and α; and on a base pre-trained "
-        f"{scale.gap_base_iters} steps instead of {scale.base_iters} (its held-out loss "
-        f"{report['gap_base']['val_loss']:.3f}, this page's base {report['base']['val_loss']:.3f}). The held-out "
-        "loss is the number to move: test BLEU alone does not show the gap.",
+        "learning rate decaying over all of them); LoRA at other ranks and α; and on two other bases, one "
+        f"pre-trained {scale.gap_base_iters} steps instead of {scale.base_iters}, one of {scale.gap_base_layers} "
+        f"blocks instead of {scale.n_layer} (their held-out losses "
+        + " and ".join(f"{row['val_loss']:.3f}" for row in report["gap_bases"].values())
+        + f", this page's base {report['base']['val_loss']:.3f}). The held-out loss is the number to move: test "
+        "BLEU alone does not show the gap.",
         "",
         "| | varies | lr | trainable | held-out loss | against its Table 3 run | held-out BLEU (greedy) |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -1050,18 +1068,24 @@ def gap_section(report: dict) -> list[str]:
                 + f"; lowest at epoch {lowest[row['of']][0]:.1f}."
             )
     full, lora = t3["fine-tuning"], t3["LoRA r=4 q,v"]
-    based = {row["of"]: row["val_loss"] for name, row in gap.items() if name.endswith(" steps")}
+    on_base = {
+        base: {row["of"]: row["val_loss"] for n, row in gap.items() if n.endswith(f" {base} base")}
+        for base in report["gap_bases"]
+    }
     lines += [
         "",
         f"The gap, LoRA's held-out loss minus fine-tuning's: LoRA r=4 q,v {versus(lora, full, 'held-out loss')} in "
         f"Table 3 ({len(seeded(lora))} seeds' means, {scale.epochs:g} epoch; seed {lora['seed']} alone "
         f"{lora['val_loss'] - full['val_loss']:+.3f}); {lowest['LoRA r=4 q,v'][1] - lowest['fine-tuning'][1]:+.3f} "
         f"trained {scale.gap_epochs:g} epochs, each at its lowest; "
-        f"{based['LoRA r=4 q,v'] - based['fine-tuning']:+.3f} on the base of {scale.gap_base_iters} steps; "
+        + "".join(
+            f"{losses['LoRA r=4 q,v'] - losses['fine-tuning']:+.3f} on the {base} base; "
+            for base, losses in on_base.items()
+        )
         + ", ".join(
             f"{name} {row['val_loss'] - full['val_loss']:+.3f}"
             for name, row in gap.items()
-            if not name.endswith(("epochs", "steps"))
+            if not name.endswith((" epochs", " base"))
         )
         + f" ({scale.epochs:g} epoch, against the same seed's fine-tuning).",
         "",

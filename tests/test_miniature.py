@@ -138,8 +138,9 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     # base; Table 3: FT, FT^Top2, 2 Adapter^L, Adapter^H, PreLayer at 1 lr each, the two LoRA at 2 lrs each, and
     # each of the 8 at a second seed; Table 5's Wq (Wq, Wv is Table 3's); Table 6's r = 8 and 64 (4 is Table 3's);
     # Fig. 2's one size not in Table 3 (PreLayer of 2)
-    # --gap: a base of 4 steps; FT and LoRA q,v longer, LoRA r=8 on every projection, α = 64, FT and LoRA q,v on it
-    n_runs = 1 + 6 + 2 + 2 + 8 + 1 + 2 + 1 + (1 + 2 + 1 + 1 + 2)
+    # --gap: a base of 4 steps and one of 1 block; FT and LoRA q,v longer, LoRA r=8 on every projection, α = 64,
+    # FT and LoRA q,v on each base
+    n_runs = 1 + 6 + 2 + 2 + 8 + 1 + 2 + 1 + (2 + 2 + 1 + 1 + 4)
     assert f"[{n_runs}/{n_runs}]" in printed and f"[{n_runs + 1}/" not in printed
     doc = (tmp_path / "docs" / "miniature.md").read_text()
     headings = ("## The base", "## Table 3", "## Table 5", "## Table 6", "## What closes", "## Fig. 3", "## Commands")
@@ -169,7 +170,10 @@ def test_quick_sweep_writes_the_tables_again_from_the_seed_reads_complete_rows_a
     assert {row["lr"] for name, row in gap.items() if row["of"] == "fine-tuning"} == {t3["fine-tuning"]["lr"]}
     longer = gap["LoRA r=4 q,v, 0.02 epochs"]  # 11 steps of 8 pairs; half an epoch, 261 steps, is past its end
     assert [step for step, _ in longer["curve"]] == [0, 11] and "alpha 64" in gap["LoRA r=4 q,v, α = 64"]["command"]
-    assert "--base " + os.path.join(out, "base-4") in gap["fine-tuning, base of 4 steps"]["command"]
+    assert "--base " + os.path.join(out, "base-4 ") in gap["fine-tuning, 4-step base"]["command"]
+    assert "--base " + os.path.join(out, "base-1blocks") in gap["LoRA r=4 q,v, 1-block base"]["command"]
+    assert gap["LoRA r=4 q,v, 1-block base"]["trainable"] == t3["LoRA r=4 q,v"]["trainable"] // 2  # 1 block of 2
+    assert "--n-layer 1 " in report["gap_bases"]["1-block"]["command"]
     per_block = {"FT^Top2": 12 * 32 * 32 + 13 * 32, "Adapter^L (small)": 2 * 32 + 2 * 32 * 6 + 6 + 32}
     per_block |= {"Adapter^H": 2 * (2 * 32 * 128 + 128 + 32), "PreLayer": 2 * 8 * 32}  # keys and values, 8 positions
     assert all(t3[name]["trainable"] == 2 * count for name, count in per_block.items())  # 2 blocks
