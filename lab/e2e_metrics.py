@@ -21,6 +21,7 @@ Inputs: one prediction a line; references grouped per instance, one a line, a bl
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -178,6 +179,16 @@ class MissingDependencyError(OSError):
     """Java or the pycocoevalcap package, which METEOR, ROUGE-L and CIDEr need, is missing."""
 
 
+@functools.cache
+def _meteor():
+    """One METEOR 1.5 process for every scoring of this Python process: its JVM starts and loads the paraphrase
+    tables once. Each compute_score sends its own segments and aggregates only them (-stdio), so a scorer used
+    before gives what a new one gives."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def coco_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """METEOR, ROUGE-L and CIDEr as measure_scores.py gets them: references and predictions each through the
     PTB tokenizer, then each scorer's corpus score (METEOR's is the jar's aggregate over all segments'
@@ -189,7 +200,6 @@ def coco_scores(predictions: list[str], references: list[list[str]]) -> dict[str
         )
     try:
         from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.meteor.meteor import Meteor
         from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
@@ -202,7 +212,7 @@ def coco_scores(predictions: list[str], references: list[list[str]]) -> dict[str
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({id_: [{"caption": ref} for ref in refs] for id_, refs in zip(ids, references)})
     res = tokenizer.tokenize({id_: [{"caption": prediction}] for id_, prediction in zip(ids, predictions)})
-    scorers = {"METEOR": Meteor(), "ROUGE_L": Rouge(), "CIDEr": Cider()}
+    scorers = {"METEOR": _meteor(), "ROUGE_L": Rouge(), "CIDEr": Cider()}
     return {name: float(scorer.compute_score(gts, res)[0]) for name, scorer in scorers.items()}
 
 

@@ -24,9 +24,11 @@ import sys
 import pytest
 
 from conftest import ROOT
+from lab import e2e_metrics
 from lab.e2e_metrics import (
     METRICS,
     MissingDependencyError,
+    coco_scores,
     group_pairs,
     main,
     read_grouped_references,
@@ -115,6 +117,15 @@ def test_all_five_match_the_official_script(five_scores):
     case, scores = five_scores
     assert list(scores) == list(METRICS)
     assert_official(scores, case)
+
+
+@needs_coco
+def test_one_meteor_process_scores_each_set_as_a_new_one_would():
+    predictions, references = example_instances()
+    first = coco_scores(predictions, references)
+    assert e2e_metrics._meteor() is e2e_metrics._meteor()  # the JVM and its paraphrase tables, started once
+    coco_scores(predictions[1:] + predictions[:1], references)  # another set between, through the same process
+    assert coco_scores(predictions, references) == first
 
 
 def test_group_pairs_on_the_e2e_splits():
