@@ -97,7 +97,8 @@ def beam_search(
                 finished[b].append((penalized[i, j].item(), tokens[:-1] if tokens[-1] in eos else tokens))
                 finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
         # Go on with the best K that do not end; rows still inside their prompt take its next token.
-        keep = running.topk(K).indices  # (A, K)
+        keep = running.topk(K).indices  # (A, K), best first
+        keep = keep.gather(1, in_place(parent.gather(1, keep)))  # ... in their parents' slots where they can
         in_prompt = torch.tensor(generated, device=device)[:, None] < 1  # (A, 1)
         beams = torch.where(in_prompt, torch.arange(K, device=device), parent.gather(1, keep))  # (A, K)
         next_token = torch.where(in_prompt, seqs[:, :, filled], token.gather(1, keep))
@@ -108,7 +109,7 @@ def beam_search(
         # transformers' test, after each step, for a prompt being done: at max_new_tokens, or with K
         # finished and (early_stopping, or the best running beam, scored at its length, is no better
         # than the worst finished)
-        best_running = (scores[:, :1] / divisor).view(A).tolist()
+        best_running = (scores.max(1, keepdim=True).values / divisor).view(A).tolist()
         for i, b in enumerate(active):
             full = len(finished[b]) == K
             cannot_improve = full and best_running[i] <= finished[b][-1][0]
@@ -117,13 +118,37 @@ def beam_search(
             return [hyps[0][1] for hyps in finished]
         # A prompt that is done leaves the batch: its rows are no longer computed
         go_on = [i for i, b in enumerate(active) if not done[b]]
-        active = [active[i] for i in go_on]
-        go_on = torch.tensor(go_on, device=device)
-        seqs, scores = seqs[go_on], scores[go_on]
-        rows = (beams[go_on] + go_on[:, None] * K).view(-1)  # cache rows to keep, in their new order
-        for c in caches:  # only the positions filled so far: a buffer of max_new_tokens is mostly empty
-            c.k, c.v = (reordered(t, rows, c.length) for t in (c.k, c.v))
+        if len(go_on) == A:  # the same prompts: each slot whose beam is another's child copies that one's rows
+            rows = (beams + torch.arange(A, device=device)[:, None] * K).view(-1)
+            moved = (rows != torch.arange(A * K, device=device)).nonzero().view(-1)
+            for c in caches:
+                for t in (c.k, c.v):
+                    t[moved, :, : c.length] = t[rows[moved], :, : c.length]  # a copy: read before written
+        else:
+            active = [active[i] for i in go_on]
+            go_on = torch.tensor(go_on, device=device)
+            seqs, scores = seqs[go_on], scores[go_on]
+            rows = (beams[go_on] + go_on[:, None] * K).view(-1)  # cache rows to keep, in their new order
+            for c in caches:  # only the positions filled so far: a buffer of max_new_tokens is mostly empty
+                c.k, c.v = (reordered(t, rows, c.length) for t in (c.k, c.v))
         x = model.hidden_states(seqs.view(len(active) * K, T)[:, filled - 1 : filled], caches)[:, -1]
+
+
+def in_place(parents: torch.Tensor) -> torch.Tensor:
+    """An order of the kept beams (A, K), given their parents' slots (A, K), best first: a beam goes to its
+    parent's slot when it is that parent's first child there, the others to the slots no beam claimed. Each
+    row of the result lists, slot by slot, which kept beam it gets."""
+    order = []
+    for row in parents.tolist():
+        slot_of, taken = [-1] * len(row), set()
+        for j, parent in enumerate(row):
+            if parent not in taken:
+                slot_of[j] = parent
+                taken.add(parent)
+        free = iter(sorted(set(range(len(row))) - taken))
+        slot_of = [slot if slot >= 0 else next(free) for slot in slot_of]
+        order.append(sorted(range(len(row)), key=slot_of.__getitem__))
+    return torch.tensor(order, device=parents.device)
 
 
 def reordered(buffer: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:

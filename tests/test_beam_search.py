@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import load_hf
-from lab.beam_search import beam_search
+from lab.beam_search import beam_search, in_place
 from model import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -126,3 +126,13 @@ def test_bad_arguments_are_clear_errors(models):
         beam_search(ours, [[1] * 50], 15)
     with pytest.raises(ValueError, match="at least one token"):
         beam_search(ours, [[1], []], 5)
+
+
+def test_kept_beams_stay_in_their_parents_slots_where_they_can():
+    # kept beams, best first, and their parents' slots: beam 0 and beam 2 keep theirs (0 and 2), beam 3 takes
+    # its parent's slot 1, beam 1 (a second child of 0) the slot no beam claimed (3)
+    assert in_place(torch.tensor([[0, 0, 2, 1], [3, 2, 1, 0], [1, 1, 1, 1]])).tolist() == [
+        [0, 3, 2, 1],
+        [3, 2, 1, 0],
+        [1, 0, 2, 3],
+    ]

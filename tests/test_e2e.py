@@ -89,3 +89,11 @@ def test_bad_input_is_one_line(lora_run, tmp_path):
         e2e.main(["--run-dir", lora_run, "--pairs", str(tmp_path / "missing.txt")])
     with pytest.raises(SystemExit, match="e2e: error: --run-dir .*nowhere: no such folder"):
         e2e.main(["--run-dir", str(tmp_path / "nowhere"), "--pairs", str(tmp_path / "test.txt")])
+
+
+def test_contexts_batched_shortest_first_come_back_in_their_order(lora_run):
+    model, _ = e2e.load_run(lora_run, None)
+    contexts = ["name : Alimentum | area : city centre | near : Burger King", "name : Aromi", "name : Bibimbap House"]
+    alone = [e2e.decode(model.eval(), [context], 1, 6, num_beams=3)[0] for context in contexts]
+    assert len(set(alone)) == 3  # texts that differ: a wrong order would show
+    assert e2e.decode(model, contexts, 2, 6, num_beams=3) == alone  # the longest first, batched with the shortest
