@@ -200,6 +200,20 @@ def test_two_runs_of_one_command_are_equal_while_the_cpu_is_busy(tmp_path, char_
     assert_same_run(str(tmp_path / "idle"), str(tmp_path / "busy"))
 
 
+def test_evaluating_more_often_changes_no_weight(tmp_path, char_data):
+    """An evaluation draws no random number and moves no batch: a run evaluated every 2 steps (LoRA dropout on)
+    ends with the adapter of one evaluated at its end alone, and logs the same final loss (lab.miniature's
+    further seeds log no curve)."""
+    run = [*LORA_RUN, "--data", char_data, "--max-iters", "8"]
+    train.main([*run, "--eval-interval", "2", "--run-dir", str(tmp_path / "often")])
+    train.main([*run, "--eval-interval", "8", "--run-dir", str(tmp_path / "once")])
+    often, once = read_log(str(tmp_path / "often")), read_log(str(tmp_path / "once"))
+    assert [r["step"] for r in often] == [0, 2, 4, 6, 8] and [r["step"] for r in once] == [0, 8]
+    assert often[-1]["val_loss"] == once[-1]["val_loss"] and often[-1]["train_loss"] == once[-1]["train_loss"]
+    adapters = [load_file(str(tmp_path / out / "adapter.safetensors")) for out in ("often", "once")]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
