@@ -96,4 +96,4 @@ def test_contexts_batched_shortest_first_come_back_in_their_order(lora_run):
     contexts = ["name : Alimentum | area : city centre | near : Burger King", "name : Aromi", "name : Bibimbap House"]
     alone = [e2e.decode(model.eval(), [context], 1, 6, num_beams=3)[0] for context in contexts]
     assert len(set(alone)) == 3  # texts that differ: a wrong order would show
-    assert e2e.decode(model, contexts, 2, 6, num_beams=3) == alone  # the longest first, batched with the shortest
+    assert e2e.decode(model, contexts, 2, 6, num_beams=3) == alone  # the longest given first, decoded last
